@@ -1,0 +1,120 @@
+"""Command line: `xdreamer generate | resume | export | render | toy train | toy eval`.
+
+Errors a user can cause (bad prompt, config, mesh, model, folder) print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2 like every other user error."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"xdreamer: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="text -> textured 3D asset (GLB/OBJ) and a turntable video")
+    p.add_argument("prompt", help='what to make, e.g. "a red cube"')
+    p.add_argument("--model", default=None, help="toy | a Hugging Face hub id | a local diffusers folder")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<prompt>)")
+    p.add_argument("--preset", default="paper", help="paper | fast | toy")
+    p.add_argument("--config", default=None, help="a config.yaml (e.g. from an earlier run)")
+    p.add_argument("--init", default=None, help="ellipsoid | a mesh file to start from")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--views", type=int, default=None, help="cameras per step")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. geometry.iters=500")
+
+
+def _add_render(sub) -> None:
+    p = sub.add_parser("render", help="render normal/mask/depth views and a turntable of a mesh or a run")
+    p.add_argument("mesh", help="a mesh file (OBJ/PLY/STL/GLB) or a run directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--views", type=int, default=8)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--elevation", type=float, default=15.0)
+    p.add_argument("--radius", type=float, default=3.0)
+    p.add_argument("--fov", type=float, default=40.0)
+    p.add_argument("--backend", default="auto", help="auto | torch | nvdiffrast")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="xdreamer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_generate(sub)
+    p = sub.add_parser("resume", help="continue a stopped run from its last checkpoint")
+    p.add_argument("run_dir")
+    p = sub.add_parser("export", help="re-export a finished run's asset")
+    p.add_argument("run_dir")
+    p.add_argument("--format", default="glb,obj", help="comma-separated: glb, obj")
+    p.add_argument("--texture-size", type=int, default=None)
+    _add_render(sub)
+    toy = sub.add_parser("toy", help="the embedded toy world: train its model, run its benchmark")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True, parser_class=_Parser)
+    p = toy_sub.add_parser("train", help="train the toy diffusion model from scratch")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p = toy_sub.add_parser("eval", help="generate each prompt and score it against ground truth")
+    p.add_argument("--prompts", default=None, help="a text file, one prompt per line (default: the benchmark set)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--ablations", default="full", help="comma-separated: full, no_cg_lora, no_ama, neither")
+    p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides for every run")
+    return parser
+
+
+def _run(args) -> int:
+    # Imports are deferred so `xdreamer --help` and argument errors stay instant.
+    if args.command == "generate":
+        from xdreamer import pipeline
+
+        return pipeline.generate_from_cli(args)
+    if args.command == "resume":
+        from xdreamer import pipeline
+
+        return pipeline.resume(Path(args.run_dir))
+    if args.command == "export":
+        from xdreamer import pipeline
+
+        formats = [f.strip() for f in args.format.split(",") if f.strip()]
+        return pipeline.export_run(Path(args.run_dir), formats, args.texture_size)
+    if args.command == "render":
+        from xdreamer import pipeline
+
+        return pipeline.render_command(args)
+    if args.command == "toy" and args.toy_command == "train":
+        from xdreamer.toy import train
+
+        train.main(out_dir=Path(args.out), steps=args.steps, seed=args.seed)
+        return 0
+    if args.command == "toy" and args.toy_command == "eval":
+        from xdreamer.toy import eval as toy_eval
+
+        return toy_eval.main(args)
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = _run(args)
+    except ValueError as exc:
+        # Our own errors are user errors with a one-line message; anything else is a bug.
+        if not type(exc).__module__.startswith("xdreamer"):
+            raise
+        sys.stderr.write(f"xdreamer: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("xdreamer: interrupted\n")
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

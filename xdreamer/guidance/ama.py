@@ -1,0 +1,197 @@
+"""Attention-mask alignment (AMA): record SD's cross-attention to the text's global token and pull
+it towards the rendered object mask.
+
+For each cross-attention layer i, A_i is the column of softmax(Q K^T / sqrt(d)) at the global
+token (the end-of-text token for CLIP text), averaged over heads, as a (B, h_i, w_i) map over the
+latent grid. The loss is L_AMA = (1/L) sum_i ||norm(A_i) - resize(mask)||, with
+norm(A) = (A - min A) / (max A - min A + eps) per sample.
+
+The recorder is filled by `XDreamerAttnProcessor` (cg_lora.py) during the UNet call; it computes
+only the needed column(s) from the (Nq, L_text) score matrix, never anything larger than the
+attention itself, and keeps autograd so the loss reaches CG-LoRA and the latents.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xdreamer.atomic import atomic_path
+
+VARIANTS = ("paper", "code")
+LAYER_CHOICES = ("all", "last")
+
+
+class AMAError(ValueError):
+    """A user-caused misuse of the AMA recorder or loss."""
+
+
+class AttentionRecorder:
+    """Collects one attention map per recorded cross-attention layer during a UNet call.
+
+    variant: "paper" = post-softmax probabilities (the paper's A_i); "code" = pre-softmax scores
+        Q K^T / sqrt(d) (the authors' code).
+    layers: "all" = every cross-attention layer, in call order; "last" = only the last
+        cross-attention at the highest resolution, which is what the authors' code ends up using.
+
+    The UNet call batch is N = 2B ordered [uncond (B); cond (B)]: only the conditional half (the
+    last B rows) is recorded, B being the number of token indices given to `set_token_index`.
+    """
+
+    def __init__(self, variant: str = "paper", layers: str = "all"):
+        if variant not in VARIANTS:
+            raise AMAError(f"AMA variant must be one of {VARIANTS}, got {variant!r}")
+        if layers not in LAYER_CHOICES:
+            raise AMAError(f"AMA layers must be one of {LAYER_CHOICES}, got {layers!r}")
+        self.variant = variant
+        self.layers = layers
+        self.token_index: torch.Tensor | None = None
+        self._maps: list[torch.Tensor] = []
+        self._best_length = 0
+
+    def set_token_index(self, token_index: torch.Tensor | list[int]) -> None:
+        """token_index: (B,) or (B, K) long, the text token(s) of each conditional sample whose
+        attention is recorded (the end-of-text index by default); K columns are averaged."""
+        index = torch.as_tensor(token_index, dtype=torch.long)
+        if index.ndim == 1:
+            index = index[:, None]
+        if index.ndim != 2 or index.shape[0] == 0:
+            raise AMAError(f"token_index must be (B,) or (B, K), got shape {tuple(index.shape)}")
+        self.token_index = index
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the maps of the previous UNet call."""
+        self._maps = []
+        self._best_length = 0
+
+    @property
+    def maps(self) -> list[torch.Tensor]:
+        """The recorded maps, each (B, h_i, w_i), in UNet call order."""
+        return list(self._maps)
+
+    def take(self) -> list[torch.Tensor]:
+        """Return the recorded maps and reset, ready for the next UNet call."""
+        maps = self.maps
+        self.reset()
+        return maps
+
+    def wants(self, query_length: int) -> bool:
+        """Whether a layer with `query_length` image tokens would be kept (lets callers skip work)."""
+        return self.layers == "all" or query_length >= self._best_length
+
+    def record(
+        self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> None:
+        """query: (N, heads, Nq, d), key: (N, heads, L, d) after the head split, as they enter
+        scaled-dot-product attention; attention_mask: None or broadcastable to (N, heads, Nq, L),
+        additive float or boolean (True = attend), as SDPA takes it."""
+        if self.token_index is None:
+            raise AMAError("AttentionRecorder.set_token_index must be called before the UNet call")
+        batch = self.token_index.shape[0]
+        n, _, length, dim = query.shape
+        if n < batch:
+            raise AMAError(f"UNet call batch {n} is smaller than the {batch} recorded samples")
+        if not self.wants(length):
+            return
+        index = self.token_index.to(query.device)
+        if int(index.max()) >= key.shape[2]:
+            raise AMAError(f"token index {int(index.max())} is outside the {key.shape[2]} text tokens")
+        # Scores in float32: fp16 logsumexp over 77 tokens loses the small columns.
+        q = query[n - batch :].float()
+        k = key[n - batch :].float()
+        scores = q @ k.transpose(-1, -2) / math.sqrt(dim)  # (B, heads, Nq, L): what attention computes anyway
+        if attention_mask is not None:
+            mask = attention_mask[n - batch :] if attention_mask.shape[0] == n else attention_mask
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            else:
+                scores = scores + mask.float()
+        columns = scores.gather(-1, index[:, None, None, :].expand(-1, scores.shape[1], length, -1))
+        if self.variant == "paper":
+            # softmax column = exp(score - logsumexp over all keys): no full softmax kept.
+            columns = torch.exp(columns - torch.logsumexp(scores, dim=-1, keepdim=True))
+        attention = columns.mean(dim=(1, 3))  # over heads and token columns -> (B, Nq)
+        side = math.isqrt(length)
+        if side * side != length:
+            raise AMAError(f"cross-attention over {length} image tokens is not a square latent grid")
+        attention = attention.view(batch, side, side)
+        if self.layers == "last":
+            self._maps = [attention]
+            self._best_length = length
+        else:
+            self._maps.append(attention)
+
+
+def normalize_map(attention: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(B, h, w) -> (B, h, w) min-max normalized to [0, 1] per sample: (A - min) / (max - min + eps)."""
+    flat = attention.flatten(1)
+    low = flat.min(dim=1).values[:, None, None]
+    high = flat.max(dim=1).values[:, None, None]
+    return (attention - low) / (high - low + eps)
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """mask (B, H, W, 1) -> (B, h, w), bilinear with antialiasing (a box-like average when shrinking)."""
+    image = mask.permute(0, 3, 1, 2)
+    if tuple(image.shape[-2:]) != tuple(size):
+        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return image[:, 0]
+
+
+def ama_loss(maps: list[torch.Tensor], mask: torch.Tensor, norm: str = "l1", eps: float = 1e-6) -> torch.Tensor:
+    """Attention-mask alignment loss, unweighted (the caller multiplies by lambda, 0.1 by default).
+
+    maps: list of (B, h_i, w_i) attention maps; mask: (B, H, W, 1) object coverage in [0, 1].
+    norm "l1": mean |norm(A_i) - mask_i|; "l2": mean squared difference. Averaged over layers.
+    Returns a scalar."""
+    if norm not in ("l1", "l2"):
+        raise AMAError(f"AMA norm must be 'l1' or 'l2', got {norm!r}")
+    if not maps:
+        raise AMAError("ama_loss needs at least one attention map (was the recorder installed?)")
+    if mask.ndim != 4 or mask.shape[-1] != 1:
+        raise AMAError(f"mask must be (B, H, W, 1), got shape {tuple(mask.shape)}")
+    total = 0.0
+    for attention in maps:
+        if attention.shape[0] != mask.shape[0]:
+            raise AMAError(f"attention map batch {attention.shape[0]} != mask batch {mask.shape[0]}")
+        target = resize_mask(mask.to(attention.device, attention.dtype), tuple(attention.shape[-2:]))
+        difference = normalize_map(attention, eps) - target
+        total = total + (difference.abs().mean() if norm == "l1" else difference.square().mean())
+    return total / len(maps)
+
+
+def _heat(values: np.ndarray) -> np.ndarray:
+    """(...,) in [0, 1] -> (..., 3) colours along black - purple - orange - yellow (inferno-like)."""
+    stops = np.array([0.0, 0.33, 0.66, 1.0])
+    colours = np.array([[0.0, 0.0, 0.02], [0.47, 0.11, 0.43], [0.93, 0.41, 0.15], [0.99, 1.0, 0.64]])
+    return np.stack([np.interp(values, stops, colours[:, c]) for c in range(3)], axis=-1)
+
+
+def save_attention_visualization(
+    path: str | Path, render: torch.Tensor, mask: torch.Tensor, maps: list[torch.Tensor]
+) -> Path:
+    """Write the paper's attention figure as one PNG grid: a row per view, columns
+    render | mask | each layer's normalized attention map, upsampled to the render's size.
+
+    render: (B, H, W, 3) in [0, 1]; mask: (B, H, W, 1) in [0, 1]; maps: list of (B, h_i, w_i)."""
+    render = render.detach().float().clamp(0, 1).cpu()
+    batch, height, width, _ = render.shape
+    columns = [render, mask.detach().float().clamp(0, 1).cpu().expand(-1, -1, -1, 3)]
+    for attention in maps:
+        normalized = normalize_map(attention.detach().float().cpu())[:, None]
+        upsampled = F.interpolate(normalized, size=(height, width), mode="bilinear", align_corners=False)
+        columns.append(torch.from_numpy(_heat(upsampled[:, 0].clamp(0, 1).numpy())).float())
+    grid = torch.cat([torch.cat(list(row), dim=1) for row in zip(*columns)], dim=0)
+    if grid.shape != (batch * height, len(columns) * width, 3):
+        raise AMAError("render, mask and maps must share the batch size")
+    image = (grid.numpy() * 255.0 + 0.5).astype(np.uint8)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, image, extension=".png")
+    return path

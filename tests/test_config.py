@@ -1,0 +1,50 @@
+import pytest
+from omegaconf import OmegaConf
+
+from xdreamer.config import ConfigError, load_config, preset_names
+
+
+def test_presets_ship_and_resolve():
+    assert {"paper", "fast", "toy"} <= set(preset_names())
+    paper = load_config(preset="paper", prompt="a red cube")
+    assert paper.model == "stabilityai/stable-diffusion-2-1-base"
+    assert paper.views == 4 and paper.geometry.iters == 3000 and paper.appearance.iters == 2000
+    assert paper.geometry.render_resolution == 512 and paper.cg_lora.rank == 4
+    assert paper.ama.weight == pytest.approx(0.1)
+    toy = load_config(preset="toy", prompt="a red cube")
+    assert toy.model == "toy"
+
+
+def test_precedence_preset_flags_overrides():
+    cfg = load_config(preset="fast", prompt="a cat", seed=7, overrides=["geometry.iters=12", "ama.weight=0.2"])
+    assert cfg.seed == 7 and cfg.geometry.iters == 12 and cfg.ama.weight == pytest.approx(0.2)
+    assert cfg.appearance.iters == 600  # from the preset
+
+
+def test_unknown_key_names_nearest():
+    with pytest.raises(ConfigError, match="geometry.iters"):
+        load_config(prompt="x", overrides=["geometry.itres=5"])
+
+
+def test_bad_type_and_bad_choice():
+    with pytest.raises(ConfigError, match="geometry.iters"):
+        load_config(prompt="x", overrides=["geometry.iters=many"])
+    with pytest.raises(ConfigError, match="ama.norm"):
+        load_config(prompt="x", overrides=["ama.norm=l3"])
+    with pytest.raises(ConfigError, match="t_range"):
+        load_config(prompt="x", overrides=["geometry.t_range=[0.6,0.2]"])
+
+
+def test_empty_prompt_and_unknown_preset():
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        load_config(prompt="   ")
+    with pytest.raises(ConfigError, match="unknown preset 'papr'"):
+        load_config(preset="papr", prompt="x")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(preset="toy", prompt="a blue cone", overrides=["seed=3"])
+    path = tmp_path / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg))
+    again = load_config(config_file=path)
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)

@@ -1,0 +1,616 @@
+"""The X-Dreamer run: init -> geometry stage -> appearance stage -> export, with checkpoints.
+
+Everything random comes from one CPU `torch.Generator` saved in every checkpoint, so a run
+resumed after any interruption replays exactly the steps the uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import xdreamer
+from xdreamer.appearance.material import MaterialNetwork
+from xdreamer.atomic import atomic_path, write_text
+from xdreamer.config import ConfigError, load_config, to_yaml
+from xdreamer.export.bake import bake_textures, unwrap
+from xdreamer.export.gltf import write_glb
+from xdreamer.export.obj import write_obj
+from xdreamer.export.video import write_video
+from xdreamer.geometry.dmtet import DMTetGeometry
+from xdreamer.geometry.init import MeshSDF, ellipsoid_sdf, fit_geometry_to_sdf, normalize_mesh
+from xdreamer.guidance.ama import AttentionRecorder, ama_loss, save_attention_visualization
+from xdreamer.guidance.cg_lora import CameraGuidedLoRA, install_attention_processors, make_cg_lora_optimizer
+from xdreamer.guidance.loader import GuidanceModel, load_guidance_model
+from xdreamer.guidance.prompts import TextConditioner
+from xdreamer.guidance.sds import TimestepSchedule, normal_mask_latents, score_distillation
+from xdreamer.mesh import Mesh, load_mesh, save_mesh
+from xdreamer.render.camera import CameraSampling, Cameras, orbit_cameras, sample_cameras
+from xdreamer.render.light import EnvironmentLight, default_environment, load_environment
+from xdreamer.render.passes import render_geometry
+from xdreamer.render.shade import render_pbr, render_textured
+from xdreamer.rundir import (
+    RunError,
+    RunPaths,
+    StopSignal,
+    check_output_dir,
+    clear_dir,
+    file_logger,
+    load_checkpoint,
+    open_run,
+    save_checkpoint,
+    write_report,
+)
+
+STAGES = ("init", "geometry", "appearance", "export", "done")
+
+
+class DeviceError(ValueError):
+    """A device the machine does not have."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for but this machine has no CUDA GPU (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def camera_sampling(cfg: DictConfig) -> CameraSampling:
+    c = cfg.camera
+    return CameraSampling(tuple(c.radius), tuple(c.fov_deg), tuple(c.elevation_deg), tuple(c.azimuth_deg), c.jitter)
+
+
+def _grid_image(images: torch.Tensor) -> np.ndarray:
+    """(B, H, W, 3) in [0, 1] -> one (H, B*W, 3) uint8 strip."""
+    strip = torch.cat(list(images.detach().float().cpu().clamp(0, 1)), dim=1)
+    return (strip.numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    import imageio.v3 as iio
+
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, image)
+
+
+@dataclass
+class RunState:
+    """What the loop needs besides the modules: where it is and what it has seen."""
+
+    stage: str = "init"
+    step: int = 0
+    nan_skips: int = 0
+    consecutive_skips: int = 0
+    restores: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    losses: dict[str, list[float]] = field(default_factory=dict)
+
+
+class Run:
+    """One generation: the guidance, the geometry, the material, and their optimizers."""
+
+    def __init__(self, cfg: DictConfig, paths: RunPaths, guidance: GuidanceModel, device: torch.device):
+        self.cfg = cfg
+        self.paths = paths
+        self.guidance = guidance
+        self.device = device
+        self.log = file_logger(paths)
+        self.state = RunState()
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        # Module initialization uses the global RNG: seed it so fresh runs are reproducible.
+        torch.manual_seed(cfg.seed)
+
+        self.geometry = DMTetGeometry(
+            grid_resolution=cfg.geometry.grid_resolution,
+            grid_scale=cfg.geometry.grid_scale,
+            encoding=cfg.geometry.encoding,
+        ).to(device)
+        self.geometry_optimizer = torch.optim.AdamW(
+            self.geometry.parameters(), lr=cfg.geometry.lr, betas=(0.9, 0.99), eps=1e-15
+        )
+        self.material: MaterialNetwork | None = None
+        self.material_optimizer: torch.optim.Optimizer | None = None
+
+        self.text = TextConditioner(guidance, negative_prompt=cfg.negative_prompt)
+        self.cg_lora: CameraGuidedLoRA | None = None
+        self.cg_lora_optimizer = None
+        if cfg.cg_lora.enabled:
+            self.cg_lora = CameraGuidedLoRA(
+                guidance.unet, text_feature_dim=self.text.feature_dim, rank=cfg.cg_lora.rank, targets=cfg.cg_lora.targets
+            ).to(device)
+            self.cg_lora_optimizer = make_cg_lora_optimizer(
+                self.cg_lora.parameters(), kind=cfg.cg_lora.optimizer, lr=cfg.cg_lora.lr,
+                max_grad_norm=cfg.cg_lora.grad_clip,
+            )
+        self.recorder = (
+            AttentionRecorder(variant="paper" if cfg.ama.scores == "softmax" else "code", layers=cfg.ama.layers)
+            if cfg.ama.enabled
+            else None
+        )
+        # The recorder is wired in only while AMA is active, so earlier steps pay nothing for it.
+        self._recording = False
+        install_attention_processors(guidance.unet, self.cg_lora, None)
+        self.light: EnvironmentLight | None = None
+
+    # ----- checkpoints -------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        s = self.state
+        state = {
+            "stage": s.stage,
+            "step": s.step,
+            "nan_skips": s.nan_skips,
+            "consecutive_skips": s.consecutive_skips,
+            "restores": s.restores,
+            "timings": s.timings,
+            "losses": s.losses,
+            "generator": self.generator.get_state(),
+            "geometry": self.geometry.state_dict(),
+            "geometry_optimizer": self.geometry_optimizer.state_dict(),
+        }
+        if self.material is not None:
+            state["material"] = self.material.state_dict()
+            state["material_optimizer"] = self.material_optimizer.state_dict()
+        if self.cg_lora is not None:
+            state["cg_lora"] = self.cg_lora.lora_state_dict()
+            state["cg_lora_optimizer"] = self.cg_lora_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self.state
+        s.stage, s.step = state["stage"], state["step"]
+        s.nan_skips, s.consecutive_skips = state["nan_skips"], state["consecutive_skips"]
+        s.restores, s.timings, s.losses = state["restores"], state["timings"], state["losses"]
+        self.generator.set_state(state["generator"])
+        self.geometry.load_state_dict(state["geometry"])
+        self.geometry_optimizer.load_state_dict(state["geometry_optimizer"])
+        if "material" in state:
+            self._build_material()
+            self.material.load_state_dict(state["material"])
+            self.material_optimizer.load_state_dict(state["material_optimizer"])
+        if self.cg_lora is not None and "cg_lora" in state:
+            self.cg_lora.load_lora_state_dict(state["cg_lora"])
+            self.cg_lora_optimizer.load_state_dict(state["cg_lora_optimizer"])
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.paths.checkpoint, self.state_dict())
+        self.report("running")
+
+    def restore_last_good(self, reason: str) -> None:
+        """Non-finite values that persist: go back to the last checkpoint and note it."""
+        state = load_checkpoint(self.paths.checkpoint)
+        record = {"stage": self.state.stage, "step": self.state.step, "reason": reason}
+        restores = self.state.restores + [record]
+        nan_skips = self.state.nan_skips
+        if state is None:
+            raise RuntimeError(f"non-finite values at step {self.state.step} and no checkpoint to restore")
+        self.load_state_dict(state)
+        self.state.restores, self.state.nan_skips, self.state.consecutive_skips = restores, nan_skips, 0
+        self.log.info("restored last good checkpoint: %s", record)
+
+    def report(self, status: str) -> None:
+        import diffusers
+
+        s = self.state
+        write_report(
+            self.paths,
+            {
+                "prompt": self.cfg.prompt,
+                "model": self.cfg.model,
+                "seed": self.cfg.seed,
+                "device": str(self.device),
+                "status": status,
+                "stage": s.stage,
+                "step": s.step,
+                "versions": {
+                    "xdreamer": xdreamer.__version__,
+                    "torch": torch.__version__,
+                    "diffusers": diffusers.__version__,
+                    "python": platform.python_version(),
+                },
+                "timings_s": s.timings,
+                "final_losses": {k: v[-1] for k, v in s.losses.items() if v},
+                "losses": s.losses,
+                "skipped_nan_steps": s.nan_skips,
+                "restored_checkpoints": s.restores,
+                "outputs": {
+                    "glb": str(self.paths.export / "model.glb"),
+                    "obj": str(self.paths.export / "model.obj"),
+                    "turntable": str(self.paths.turntable),
+                },
+            },
+        )
+
+    # ----- shared step machinery -----------------------------------------------------------
+
+    def _guide(
+        self,
+        model_input: torch.Tensor,
+        cameras: Cameras,
+        mask: torch.Tensor,
+        t_range: tuple[float, float],
+        weighting: str,
+        guidance_scale: float,
+        ama_on: bool,
+    ) -> dict[str, torch.Tensor]:
+        """SDS (+ AMA) on one batch. model_input: (B, C, h, w) latents or pixels; mask (B, H, W, 1)."""
+        cfg = self.cfg
+        batch = model_input.shape[0]
+        labels = cameras.view_labels(cfg.camera.overhead_elevation)
+        text = self.text(cfg.prompt, labels)
+        if self.cg_lora is not None:
+            camera_features = cameras.features().to(self.device)
+            self.cg_lora.set_condition(
+                torch.cat([text.uncond_features, text.cond_features]),
+                torch.cat([camera_features, camera_features]),
+            )
+        if ama_on != self._recording:
+            install_attention_processors(self.guidance.unet, self.cg_lora, self.recorder if ama_on else None)
+            self._recording = ama_on
+        if ama_on:
+            self.recorder.set_token_index(text.eot_indices if cfg.ama.token < 0 else [cfg.ama.token] * batch)
+        t = TimestepSchedule(*t_range).sample(batch, self.generator, self.guidance.num_train_timesteps)
+        noise = torch.randn(model_input.shape, generator=self.generator).to(self.device)
+        sds = score_distillation(
+            self.guidance,
+            model_input,
+            text.cond,
+            text.uncond,
+            t.to(self.device),
+            noise,
+            guidance_scale=guidance_scale,
+            weighting=weighting,
+            unet_grad=ama_on,
+        )
+        losses = {"sds": sds.loss, "skipped": torch.tensor(float(sds.skipped))}
+        total = sds.loss
+        if ama_on:
+            self.last_maps = self.recorder.take()
+            losses["ama"] = ama_loss(self.last_maps, mask, norm=cfg.ama.norm)
+            total = total + cfg.ama.weight * losses["ama"]
+        losses["total"] = total
+        return losses
+
+    def _apply(self, losses: dict, optimizers: list[torch.optim.Optimizer], params: list[torch.nn.Parameter]) -> bool:
+        """Backward and step, or skip a non-finite step. Returns whether the step was applied."""
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        if self.cg_lora_optimizer is not None:
+            self.cg_lora_optimizer.zero_grad(set_to_none=True)
+        total = losses["total"]
+        skipped = bool(losses["skipped"]) or not torch.isfinite(total)
+        if not skipped:
+            total.backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            skipped = any(not torch.isfinite(g).all() for g in grads)
+        if skipped:
+            self.state.nan_skips += 1
+            self.state.consecutive_skips += 1
+            self.log.info("step %d: non-finite loss or gradient, skipped", self.state.step)
+            if self.state.consecutive_skips > self.cfg.max_nan_skips:
+                self.restore_last_good("non-finite losses persisted")
+            return False
+        self.state.consecutive_skips = 0
+        for opt in optimizers:
+            opt.step()
+        if self.cg_lora_optimizer is not None:
+            self.cg_lora_optimizer.step()  # clips the gradient norm first
+        if any(not torch.isfinite(p).all() for p in params):
+            self.restore_last_good("non-finite parameters")
+            return False
+        return True
+
+    def _record(self, losses: dict, every: int = 10) -> dict[str, float]:
+        values = {k: float(v) for k, v in losses.items() if k not in ("skipped", "total")}
+        if self.state.step % every == 0:
+            for key, value in values.items():
+                self.state.losses.setdefault(f"{self.state.stage}/{key}", []).append(value)
+            self.log.info("%s step %d %s", self.state.stage, self.state.step, values)
+        return values
+
+    # ----- stages ---------------------------------------------------------------------------
+
+    def initialize_geometry(self) -> None:
+        cfg = self.cfg.init
+        start = time.perf_counter()
+        if cfg.shape == "ellipsoid":
+            target = ellipsoid_sdf(list(cfg.radii))
+        else:
+            target = MeshSDF(normalize_mesh(load_mesh(cfg.shape)))
+        losses = fit_geometry_to_sdf(
+            self.geometry, target.sdf, target.sample_surface, steps=cfg.steps, lr=cfg.lr, generator=self.generator
+        )
+        # The stage optimizer starts fresh after the init fit.
+        self.geometry_optimizer = torch.optim.AdamW(
+            self.geometry.parameters(), lr=self.cfg.geometry.lr, betas=(0.9, 0.99), eps=1e-15
+        )
+        self.state.losses["init/sdf_mse"] = losses[:: max(1, len(losses) // 50)] + losses[-1:]
+        self.state.timings["init"] = time.perf_counter() - start
+        self.validate_geometry("init")
+
+    def geometry_step(self) -> dict[str, float]:
+        cfg, g = self.cfg, self.cfg.geometry
+        step = self.state.step
+        cameras = sample_cameras(cfg.views, self.generator, camera_sampling(cfg))
+        mesh = self.geometry()
+        out = render_geometry(mesh, cameras.to(self.device), g.render_resolution)
+        normal, mask = out["normal"], out["mask"]
+        early = self.guidance.is_latent and step < g.latent_phase_iters
+        if early:
+            model_input = normal_mask_latents(normal, mask, self.guidance.sample_size)
+            t_range, weighting = g.t_range_early, g.weighting_early
+        else:
+            model_input = self.guidance.encode_images((normal * 0.5 + 0.5) * mask)
+            t_range, weighting = g.t_range, g.weighting
+        ama_on = self.recorder is not None and step >= cfg.ama.start_geometry
+        losses = self._guide(model_input, cameras, mask, tuple(t_range), weighting, g.guidance_scale, ama_on)
+        if ama_on and cfg.ama.visualize_every and step % cfg.ama.visualize_every == 0:
+            save_attention_visualization(
+                self.paths.attention / f"geometry_{step:05d}.png", (normal * 0.5 + 0.5) * mask, mask, self.last_maps
+            )
+        self._apply(losses, [self.geometry_optimizer], list(self.geometry.parameters()))
+        return self._record(losses)
+
+    def _build_material(self) -> None:
+        mesh = self.fixed_mesh()
+        self.material = MaterialNetwork(
+            mesh.vertices.min(0).values, mesh.vertices.max(0).values,
+            encoding=self.cfg.appearance.encoding, metallic=self.cfg.appearance.metallic,
+        ).to(self.device)
+        self.material_optimizer = torch.optim.AdamW(
+            self.material.parameters(), lr=self.cfg.appearance.lr, betas=(0.9, 0.99), eps=1e-15
+        )
+
+    def fixed_mesh(self) -> Mesh:
+        """The geometry stage's final mesh (the appearance stage keeps it fixed)."""
+        if getattr(self, "_fixed_mesh", None) is None:
+            with torch.no_grad():
+                self._fixed_mesh = self.geometry().detach()
+            if self._fixed_mesh.faces.shape[0] == 0:
+                raise RuntimeError("the geometry stage produced an empty mesh")
+        return self._fixed_mesh
+
+    def environment(self) -> EnvironmentLight:
+        if self.light is None:
+            a = self.cfg.appearance
+            hdr = load_environment(a.environment, scale=a.environment_scale) if a.environment else default_environment(
+                scale=a.environment_scale
+            )
+            self.light = EnvironmentLight(hdr.to(self.device))
+        return self.light
+
+    def appearance_step(self) -> dict[str, float]:
+        cfg, a = self.cfg, self.cfg.appearance
+        step = self.state.step
+        cameras = sample_cameras(cfg.views, self.generator, camera_sampling(cfg))
+        out = render_pbr(
+            self.fixed_mesh(), cameras.to(self.device), a.render_resolution, self.material, self.environment(),
+            background=torch.tensor(list(a.background), device=self.device),
+        )
+        rgb, mask = out["rgb"], out["mask"]
+        model_input = self.guidance.encode_images(rgb)
+        t_range = a.t_range_early if step < a.t_switch else a.t_range
+        ama_on = self.recorder is not None and step >= cfg.ama.start_appearance
+        losses = self._guide(model_input, cameras, mask, tuple(t_range), a.weighting, a.guidance_scale, ama_on)
+        if ama_on and cfg.ama.visualize_every and step % cfg.ama.visualize_every == 0:
+            save_attention_visualization(self.paths.attention / f"appearance_{step:05d}.png", rgb, mask, self.last_maps)
+        self._apply(losses, [self.material_optimizer], list(self.material.parameters()))
+        return self._record(losses)
+
+    def validate_geometry(self, tag: str) -> None:
+        with torch.no_grad():
+            out = render_geometry(self.geometry(), orbit_cameras(4).to(self.device), 256)
+        _write_png(self.paths.geometry / f"validation_{tag}.png", _grid_image((out["normal"] * 0.5 + 0.5) * out["mask"]))
+
+    def validate_appearance(self, tag: str) -> None:
+        with torch.no_grad():
+            out = render_pbr(self.fixed_mesh(), orbit_cameras(4).to(self.device), 256, self.material, self.environment())
+        _write_png(self.paths.appearance / f"validation_{tag}.png", _grid_image(out["rgb"]))
+
+    def export(self, formats: list[str], texture_size: int) -> dict[str, str]:
+        """UV-unwrap, bake, write GLB/OBJ and the turntable video."""
+        start = time.perf_counter()
+        mesh = unwrap(self.fixed_mesh())
+        with torch.no_grad():
+            textures = bake_textures(mesh, self.material, size=texture_size)
+        written = {}
+        if "glb" in formats:
+            write_glb(self.paths.export / "model.glb", mesh, textures)
+            written["glb"] = str(self.paths.export / "model.glb")
+        if "obj" in formats:
+            write_obj(self.paths.export / "model.obj", mesh, textures)
+            written["obj"] = str(self.paths.export / "model.obj")
+        save_mesh(self.fixed_mesh(), self.paths.geometry / "mesh.ply")
+        e = self.cfg.export
+        cameras = orbit_cameras(e.turntable_frames, elevation=15.0)
+        frames = []
+        with torch.no_grad():
+            for i in range(0, len(cameras), 8):
+                out = render_textured(
+                    mesh, textures, cameras[i : i + 8].to(self.device), e.turntable_resolution, self.environment()
+                )
+                frames.extend((out["rgb"].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
+        write_video(frames, self.paths.turntable, fps=e.fps)
+        written["turntable"] = str(self.paths.turntable)
+        self.state.timings["export"] = time.perf_counter() - start
+        return written
+
+    # ----- the loop -------------------------------------------------------------------------
+
+    def _stage_loop(self, stage: str, iters: int, step_fn, validate_fn, stop: StopSignal) -> bool:
+        """Run `stage` from the current step; False when a signal stopped it (checkpoint written)."""
+        cfg = self.cfg
+        start = time.perf_counter() - self.state.timings.get(stage, 0.0)
+        bar = tqdm(total=iters, initial=self.state.step, desc=stage, unit="it", dynamic_ncols=True, file=sys.stderr)
+        try:
+            while self.state.step < iters:
+                values = step_fn()
+                self.state.step += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+                self.state.timings[stage] = time.perf_counter() - start
+                if cfg.validate_every and self.state.step % cfg.validate_every == 0:
+                    validate_fn(f"{self.state.step:05d}")
+                if self.state.step % cfg.checkpoint_every == 0 or stop.received:
+                    self.checkpoint()
+                if stop.received:
+                    return False
+        finally:
+            bar.close()
+        return True
+
+    def run(self, stop: StopSignal) -> int:
+        cfg, s = self.cfg, self.state
+        if s.stage == "init":
+            self.initialize_geometry()
+            s.stage, s.step = "geometry", 0
+            self.checkpoint()
+        if s.stage == "geometry":
+            if not self._stage_loop("geometry", cfg.geometry.iters, self.geometry_step, self.validate_geometry, stop):
+                return self._stopped(stop)
+            self.validate_geometry("final")
+            s.stage, s.step = "appearance", 0
+            self._build_material()
+            self.checkpoint()
+        if s.stage == "appearance":
+            if self.material is None:
+                self._build_material()
+            if not self._stage_loop("appearance", cfg.appearance.iters, self.appearance_step, self.validate_appearance, stop):
+                return self._stopped(stop)
+            self.validate_appearance("final")
+            s.stage, s.step = "export", 0
+            self.checkpoint()
+        if s.stage == "export":
+            written = self.export(list(cfg.export.formats), cfg.export.texture_size)
+            s.stage = "done"
+            self.checkpoint()
+            self.report("done")
+            summary = ", ".join(f"{k}: {v}" for k, v in written.items())
+            print(f"xdreamer: done in {sum(s.timings.values()):.0f} s — {summary}")
+        return 0
+
+    def _stopped(self, stop: StopSignal) -> int:
+        self.report("stopped")
+        print(f"xdreamer: stopped at {self.state.stage} step {self.state.step}; continue with: xdreamer resume {self.paths.root}")
+        return stop.exit_code
+
+
+# ----- entry points (the CLI calls these) -------------------------------------------------------
+
+
+def _load_guidance(cfg: DictConfig, device: torch.device) -> GuidanceModel:
+    dtype = torch.float16 if device.type == "cuda" and cfg.half_precision else torch.float32
+    return load_guidance_model(cfg.model, device, dtype=dtype)
+
+
+def _check_init(cfg: DictConfig) -> None:
+    if cfg.init.shape != "ellipsoid":
+        mesh = load_mesh(cfg.init.shape)  # raises MeshError (one line) when missing/unreadable/empty
+        if float(mesh.vertices.norm(dim=-1).max()) == 0.0:
+            raise ConfigError(f"init mesh {cfg.init.shape} is degenerate (all vertices at one point)")
+        cfg.init.shape = str(Path(cfg.init.shape).resolve())
+
+
+def generate(cfg: DictConfig, out_dir: Path, overwrite: bool = False) -> int:
+    """Validate everything a user can get wrong before writing anything, then run."""
+    device = resolve_device(cfg.device)
+    _check_init(cfg)
+    check_output_dir(out_dir, overwrite)
+    guidance = _load_guidance(cfg, device)
+    if out_dir.is_dir() and overwrite:
+        clear_dir(out_dir)
+    paths = RunPaths(out_dir)
+    paths.make()
+    write_text(paths.config, to_yaml(cfg))
+    run = Run(cfg, paths, guidance, device)
+    with StopSignal() as stop:
+        return run.run(stop)
+
+
+def generate_from_cli(args) -> int:
+    init = args.init
+    cfg = load_config(
+        preset=args.preset,
+        config_file=args.config,
+        overrides=list(args.overrides),
+        prompt=args.prompt,
+        model=args.model,
+        seed=args.seed,
+        device=args.device,
+        views=args.views,
+        init=None if init is None else {"shape": init},
+    )
+    out = Path(args.out) if args.out else Path("runs") / _slug(cfg.prompt)
+    return generate(cfg, out, overwrite=args.overwrite)
+
+
+def _slug(prompt: str) -> str:
+    slug = "".join(c if c.isalnum() else "_" for c in prompt.strip().lower())
+    return "_".join(filter(None, slug.split("_")))[:60] or "run"
+
+
+def _open_existing(run_dir: Path) -> tuple[Run, dict | None]:
+    paths = open_run(run_dir)
+    try:
+        cfg = load_config(config_file=paths.config)
+    except ConfigError as exc:
+        raise RunError(f"{run_dir} has an unusable config.yaml: {exc}") from None
+    device = resolve_device(cfg.device)
+    guidance = _load_guidance(cfg, device)
+    run = Run(cfg, paths, guidance, device)
+    state = load_checkpoint(paths.checkpoint)
+    if state is not None:
+        run.load_state_dict(state)
+    return run, state
+
+
+def resume(run_dir: Path) -> int:
+    run, state = _open_existing(run_dir)
+    where = "the start" if state is None else f"{run.state.stage} step {run.state.step}"
+    print(f"xdreamer: resuming {run_dir} from {where}")
+    with StopSignal() as stop:
+        return run.run(stop)
+
+
+def export_run(run_dir: Path, formats: list[str], texture_size: int | None) -> int:
+    for fmt in formats:
+        if fmt not in ("glb", "obj"):
+            raise ConfigError(f"export format '{fmt}' is not one of: glb, obj")
+    run, state = _open_existing(run_dir)
+    if state is None or run.state.stage not in ("export", "done"):
+        raise RunError(f"{run_dir} has not finished its appearance stage yet; run xdreamer resume {run_dir} first")
+    written = run.export(formats, texture_size or run.cfg.export.texture_size)
+    print("xdreamer: exported " + ", ".join(f"{k}: {v}" for k, v in written.items()))
+    return 0
+
+
+def render_command(args) -> int:
+    from xdreamer.export.views import render_mesh_views
+
+    source = Path(args.mesh)
+    if source.is_dir():
+        paths = open_run(source)
+        candidates = [paths.export / "model.glb", paths.export / "model.obj", paths.geometry / "mesh.ply"]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise RunError(f"run {source} has no exported mesh yet; finish it with xdreamer resume {source}")
+        source = found[0]
+    mesh = load_mesh(source)
+    out = Path(args.out)
+    render_mesh_views(
+        mesh, out, views=args.views, resolution=args.resolution, elevation=args.elevation,
+        radius=args.radius, fov=args.fov, backend=args.backend,
+    )
+    print(f"xdreamer: rendered {args.views} views of {source} into {out}")
+    return 0
+

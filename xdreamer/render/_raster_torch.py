@@ -1,0 +1,246 @@
+"""Pure-PyTorch rasterizer, interpolator and antialiaser: the reference backend, runs on any device.
+
+Same outputs as nvdiffrast (see `raster.py`), image row 0 at the top. Visibility is found without
+gradients (per-triangle pixel boxes, an edge-function inside test in homogeneous coordinates and a
+z-buffer built by `scatter_reduce` on packed (depth, triangle) keys); the barycentrics of the
+visible triangle are then recomputed differentiably from `pos_clip`, so gradients reach vertex
+positions through `rast` exactly as they do through nvdiffrast's rasterizer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_EMPTY = torch.iinfo(torch.int64).max
+_ID_BITS = 0xFFFFFFFF
+
+
+def _pixel_centres(pixel: torch.Tensor, height: int, width: int, dtype: torch.dtype):
+    """Flat pixel indices (within one image) -> NDC x, y of their centres, row 0 at NDC y = +1."""
+    row, col = pixel // width, pixel % width
+    x = (col.to(dtype) + 0.5) * (2.0 / width) - 1.0
+    y = 1.0 - (row.to(dtype) + 0.5) * (2.0 / height)
+    return x, y
+
+
+def _homogeneous_edges(tri: torch.Tensor) -> torch.Tensor:
+    """(..., 3, 4) clip-space triangles -> (..., 3, 3) edge coefficients.
+
+    Row i holds (a, b, c) with e_i(x, y) = a x + b y + c = det(c_j, c_k, (x, y, 1)) for c = (x, y, w):
+    the unnormalized perspective-correct barycentric of vertex i at NDC point (x, y) (Olano & Greer
+    homogeneous rasterization, which needs no clipping against w = 0)."""
+    xyw = tri[..., [0, 1, 3]]
+    return torch.cross(xyw.roll(-1, dims=-2), xyw.roll(-2, dims=-2), dim=-1)
+
+
+def rasterize(
+    pos_clip: torch.Tensor, faces: torch.Tensor, resolution: tuple[int, int], max_pixels: int = 1 << 22
+) -> torch.Tensor:
+    """pos_clip (B, V, 4), faces (F, 3) int64 -> rast (B, H, W, 4) = (u, v, z/w, triangle_id + 1).
+
+    `max_pixels` bounds the (triangle, pixel) fragments depth-tested at once, i.e. the memory used."""
+    height, width = resolution
+    batch, faces_count = pos_clip.shape[0], faces.shape[0]
+    device = pos_clip.device
+    with torch.no_grad():
+        tri = pos_clip.detach()[:, faces].double()  # (B, F, 3, 4)
+        edges = _homogeneous_edges(tri)  # (B, F, 3, 3)
+        det = (tri[..., 0, [0, 1, 3]] * edges[..., 0, :]).sum(-1)  # det(c0, c1, c2), (B, F)
+        edges = edges * det.sign()[..., None, None]
+        # A pixel centre p = (x, y, 1) is covered when every e_i(p) >= 0 and sum_i e_i(p) > 0 (the
+        # point has w > 0), and its depth z/w = sum_i e_i(p) z_i / det lies in [-1, 1]: six
+        # half-planes, all affine in the pixel position.
+        depth = (edges * tri[..., 2:3]).sum(-2) / det.abs()[..., None]
+        one = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=device)
+        planes = torch.cat([edges, edges.sum(-2, keepdim=True), (one + depth)[..., None, :], (one - depth)[..., None, :]], dim=-2)
+        # Pixel index (column c, row r) -> NDC (x, y) = (c * 2 / W + 1 / W - 1, 1 - 1 / H - r * 2 / H).
+        to_ndc = torch.tensor(
+            [[2.0 / width, 0.0, 1.0 / width - 1.0], [0.0, -2.0 / height, 1.0 - 1.0 / height], [0.0, 0.0, 1.0]],
+            dtype=torch.float64,
+            device=device,
+        )
+        planes = planes @ to_ndc
+        depth = depth @ to_ndc
+
+        w = tri[..., 3]
+        in_front = w > 0
+        usable = in_front.any(-1) & (det != 0) & torch.isfinite(planes).flatten(-2).all(-1)
+        # Row range from the projected vertices; triangles that cross w = 0 project to unbounded
+        # regions, so they take every row and the half-planes do the rest.
+        safe_w = torch.where(in_front, w, torch.ones_like(w))
+        row = ((1.0 - tri[..., 1] / safe_w) * (height / 2) - 0.5).clamp(-2.0, height + 1.0)
+        crosses = ~in_front.all(-1)
+        y0 = torch.where(crosses, 0, row.amin(-1).ceil().long().clamp(min=0))
+        y1 = torch.where(crosses, height - 1, row.amax(-1).floor().long().clamp(max=height - 1))
+        rows = ((y1 - y0 + 1).clamp(min=0) * usable).reshape(-1)
+
+        # One span of covered pixel centres per (triangle, row).
+        instance = torch.repeat_interleave(torch.arange(rows.numel(), device=device), rows)
+        first_row = (rows.cumsum(0) - rows)[instance]
+        y = y0.reshape(-1)[instance] + torch.arange(instance.numel(), device=device) - first_row
+        plane = planes.view(-1, 6, 3)[instance]
+        slope = plane[..., 0]
+        offset = plane[..., 1] * y[:, None].double() + plane[..., 2]
+        bound = -offset / slope.where(slope != 0, torch.ones_like(slope))
+        # A tiny widening keeps shared edges watertight against rounding; the z-buffer resolves
+        # the doubly covered centres.
+        slack = torch.tensor([1e-6, 1e-6, 1e-6, 0.0, 0.0, 0.0], dtype=torch.float64, device=device)
+        never = (slope == 0) & (offset < 0)
+        lower = torch.where(slope > 0, bound - slack, -torch.inf).where(~never, torch.inf).amax(-1)
+        upper = torch.where(slope < 0, bound + slack, torch.inf).amin(-1)
+        x_lo = lower.clamp(-1.0, width).ceil().long()
+        x_hi = upper.clamp(-1.0, width).floor().long().clamp(max=width - 1)
+        x_lo = x_lo.clamp(min=0)
+        span = (x_hi - x_lo + 1).clamp(min=0)
+        keep = span > 0
+        instance, y, x_lo, span = instance[keep], y[keep], x_lo[keep], span[keep]
+        depth = depth.view(-1, 3)[instance]
+        depth_slope = depth[:, 0].float()
+        depth_start = (depth[:, 0] * x_lo + depth[:, 1] * y + depth[:, 2]).float()
+        base = (instance // faces_count) * (height * width) + y * width + x_lo
+        face = instance % faces_count
+
+        keys = torch.full((batch * height * width,), _EMPTY, dtype=torch.int64, device=device)
+        end = span.cumsum(0)
+        total = int(end[-1]) if end.numel() else 0
+        for start in range(0, total, max_pixels):
+            stop = min(start + max_pixels, total)
+            if start == 0 and stop == total:
+                owner = torch.repeat_interleave(torch.arange(span.numel(), device=device), span, output_size=total)
+            else:
+                owner = torch.searchsorted(end, torch.arange(start, stop, device=device), right=True)
+            step = torch.arange(start, stop, device=device) - (end - span)[owner]
+            z = torch.addcmul(depth_start[owner], depth_slope[owner], step.float())
+            # Depths shifted into [1, 3] are positive, so their float bits order like the depths.
+            key = ((z + 2.0).clamp(1.0, 3.0).view(torch.int32).long() << 32) | face[owner]
+            keys.scatter_reduce_(0, base[owner] + step, key, reduce="amin")
+
+        pixel = (keys != _EMPTY).nonzero().squeeze(1)
+        face = keys[pixel] & _ID_BITS
+
+    rast = torch.zeros(batch * height * width, 4, device=device, dtype=pos_clip.dtype)
+    if pixel.numel():
+        image = pixel // (height * width)
+        x, y = _pixel_centres(pixel % (height * width), height, width, pos_clip.dtype)
+        verts = pos_clip[image[:, None], faces[face]]  # (N, 3, 4), differentiable
+        edge = _homogeneous_edges(verts)
+        bary = edge[..., 0] * x[:, None] + edge[..., 1] * y[:, None] + edge[..., 2]
+        total_bary = bary.sum(-1)
+        u, v = bary[:, 0] / total_bary, bary[:, 1] / total_bary
+        z_over_w = (bary * verts[..., 2]).sum(-1) / (bary * verts[..., 3]).sum(-1)
+        values = torch.stack([u, v, z_over_w, (face + 1).to(pos_clip.dtype)], dim=-1)
+        rast = rast.index_copy(0, pixel, values)
+    return rast.view(batch, height, width, 4)
+
+
+def interpolate(attr: torch.Tensor, rast: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """attr (B or 1, V, C), rast (B, H, W, 4) -> (B, H, W, C), perspective-correct, 0 on background."""
+    batch, height, width = rast.shape[:3]
+    flat = rast.reshape(-1, 4)
+    with torch.no_grad():
+        tri = flat[:, 3].long()
+        pixel = (tri > 0).nonzero().squeeze(1)
+        face = tri[pixel] - 1
+    out = torch.zeros(flat.shape[0], attr.shape[-1], device=attr.device, dtype=torch.promote_types(attr.dtype, rast.dtype))
+    if pixel.numel():
+        image = pixel // (height * width) if attr.shape[0] > 1 else torch.zeros_like(pixel)
+        corner = attr[image[:, None], faces[face]]  # (N, 3, C)
+        u, v = flat[pixel, 0:1], flat[pixel, 1:2]
+        values = corner[:, 2] + u * (corner[:, 0] - corner[:, 2]) + v * (corner[:, 1] - corner[:, 2])
+        out = out.index_copy(0, pixel, values.to(out.dtype))
+    return out.view(batch, height, width, -1)
+
+
+def edge_neighbors(faces: torch.Tensor) -> torch.Tensor:
+    """(F, 3) faces -> (F, 3): the face across the edge opposite vertex i, or -1 on a boundary.
+
+    The antialiaser's topology (nvdiffrast's topology hash): an edge is a silhouette when it has
+    no neighbour or its neighbour faces the other way."""
+    count = faces.shape[0]
+    if count == 0:
+        return torch.empty(0, 3, dtype=torch.int64, device=faces.device)
+    ends = torch.stack([faces.roll(-1, dims=1), faces.roll(-2, dims=1)], dim=-1).reshape(-1, 2)
+    lo, hi = ends.amin(-1), ends.amax(-1)
+    key = lo * (int(faces.max()) + 1) + hi
+    key, order = key.sort(stable=True)
+    same = (key[1:] == key[:-1]).nonzero().squeeze(1)
+    neighbors = torch.full((count * 3,), -1, dtype=torch.int64, device=faces.device)
+    first, second = order[same], order[same + 1]
+    neighbors[first] = second // 3
+    neighbors[second] = first // 3
+    return neighbors.view(count, 3)
+
+
+def antialias(
+    color: torch.Tensor,
+    rast: torch.Tensor,
+    pos_clip: torch.Tensor,
+    faces: torch.Tensor,
+    neighbors: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """color (B, H, W, C), rast (B, H, W, 4), pos_clip (B, V, 4) -> antialiased (B, H, W, C).
+
+    Laine et al. 2020: each horizontal or vertical pixel pair with different triangle ids is
+    checked for a silhouette edge of the nearer triangle crossing the segment between the two
+    pixel centres; the crossing point t (0 at the covered centre, 1 at the other) blends the
+    colours as a one-pixel box filter would, which makes the result differentiable in vertex
+    positions through t."""
+    batch, height, width, channels = color.shape
+    if neighbors is None:
+        neighbors = edge_neighbors(faces)
+    plane = height * width
+    with torch.no_grad():
+        tri = rast[..., 3].long()
+        depth = rast[..., 2].reshape(-1)
+        flat_tri = tri.reshape(-1)
+        pairs = []
+        for step, differ in ((1, tri[:, :, 1:] != tri[:, :, :-1]), (width, tri[:, 1:, :] != tri[:, :-1, :])):
+            b, y, x = differ.nonzero().unbind(-1)
+            first = b * plane + y * width + x
+            pairs.append(torch.stack([first, first + step], dim=-1))
+        pa, pb = torch.cat(pairs).unbind(-1)
+        ta, tb = flat_tri[pa], flat_tri[pb]
+        a_covers = (tb == 0) | ((ta != 0) & (depth[pa] < depth[pb]))
+        inner = torch.where(a_covers, pa, pb)
+        outer = torch.where(a_covers, pb, pa)
+        face = torch.where(a_covers, ta, tb) - 1
+        image = inner // plane
+        corners = faces[face]
+        tri_pos = pos_clip.detach()[:, faces]
+        edges = _homogeneous_edges(tri_pos)
+        front = (tri_pos[..., 0, [0, 1, 3]] * edges[..., 0, :]).sum(-1) > 0  # (B, F) facing
+        in_front = (pos_clip.detach()[image[:, None], corners][..., 3] > 0).all(-1)
+
+    verts = pos_clip[image[:, None], corners]  # (N, 3, 4), differentiable
+    w = torch.where(in_front[:, None], verts[..., 3], torch.ones_like(verts[..., 3]))
+    sx = (verts[..., 0] / w + 1.0) * (width / 2) - 0.5  # pixel units, centres at integers
+    sy = (1.0 - verts[..., 1] / w) * (height / 2) - 0.5
+    dtype = sx.dtype
+    ix, iy = (inner % width).to(dtype), (inner % plane // width).to(dtype)
+    ox, oy = (outer % width).to(dtype), (outer % plane // width).to(dtype)
+
+    # Edge i runs from vertex i+1 to vertex i+2; its function is positive on vertex i's side.
+    jx, jy, kx, ky = sx.roll(-1, 1), sy.roll(-1, 1), sx.roll(-2, 1), sy.roll(-2, 1)
+
+    def edge_function(px, py):
+        return (kx - jx) * (py[:, None] - jy) - (ky - jy) * (px[:, None] - jx)
+
+    orientation = edge_function(sx[:, 0], sy[:, 0])[:, 0:1].sign()
+    f_in, f_out = edge_function(ix, iy) * orientation, edge_function(ox, oy) * orientation
+    leaving = f_out < 0
+    t = torch.where(leaving, f_in / torch.where(leaving, f_in - f_out, torch.ones_like(f_in)), torch.full_like(f_in, 2.0))
+    t, exit_edge = t.min(-1)
+
+    with torch.no_grad():
+        across = neighbors[face, exit_edge]
+        facing = front[image, face]
+        silhouette = (across < 0) | (front[image, across.clamp(min=0)] != facing)
+        keep = (silhouette & in_front & (t <= 1.0) & (orientation[:, 0] != 0)).nonzero().squeeze(1)
+
+    t = t[keep].clamp(0.0, 1.0)[:, None].to(color.dtype)
+    flat = color.reshape(-1, channels)
+    c_in, c_out = flat[inner[keep]], flat[outer[keep]]
+    spills = t > 0.5  # the covering triangle reaches into the outer pixel, else it misses part of its own
+    target = torch.where(spills[:, 0], outer[keep], inner[keep])
+    delta = torch.where(spills, (t - 0.5) * (c_in - c_out), (0.5 - t) * (c_out - c_in))
+    return flat.index_add(0, target, delta).view(batch, height, width, channels)

@@ -61,16 +61,16 @@ class Cameras:
         proj[:, 3, 2] = -1.0
         return proj
 
-    def mvp(self, near: float = 0.1, far: float = 100.0) -> torch.Tensor:
-        """(B, 4, 4) world -> clip."""
-        return self.projection(near, far) @ self.w2c()
+    def mvp(self, near: float = 0.1, far: float = 100.0, aspect: float = 1.0) -> torch.Tensor:
+        """(B, 4, 4) world -> clip; `aspect` = width / height of the image."""
+        return self.projection(near, far, aspect) @ self.w2c()
 
     def intrinsics(self, width: int, height: int) -> torch.Tensor:
         """(B, 4) pixel intrinsics (fl_x, fl_y, cx, cy), image row 0 at the top."""
         focal = 1.0 / torch.tan(self.fov_y / 2)
         fl_x = focal * height / 2  # same focal in pixels on both axes: square pixels
         fl_y = focal * height / 2
-        cx = width / 2 * (1 + self.shift[:, 0] * height / width)
+        cx = width / 2 * (1 + self.shift[:, 0])  # the shift is in NDC units of each axis
         cy = height / 2 * (1 - self.shift[:, 1])
         return torch.stack([fl_x, fl_y, cx, cy], dim=-1)
 

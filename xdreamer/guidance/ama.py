@@ -102,16 +102,17 @@ class AttentionRecorder:
         index = self.token_index.to(query.device)
         if int(index.max()) >= key.shape[2]:
             raise AMAError(f"token index {int(index.max())} is outside the {key.shape[2]} text tokens")
-        # Scores in float32: fp16 logsumexp over 77 tokens loses the small columns.
-        q = query[n - batch :].float()
-        k = key[n - batch :].float()
+        # Scores in at least float32: fp16 logsumexp over 77 tokens loses the small columns.
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        q = query[n - batch :].to(dtype)
+        k = key[n - batch :].to(dtype)
         scores = q @ k.transpose(-1, -2) / math.sqrt(dim)  # (B, heads, Nq, L): what attention computes anyway
         if attention_mask is not None:
             mask = attention_mask[n - batch :] if attention_mask.shape[0] == n else attention_mask
             if mask.dtype == torch.bool:
                 scores = scores.masked_fill(~mask, float("-inf"))
             else:
-                scores = scores + mask.float()
+                scores = scores + mask.to(dtype)
         columns = scores.gather(-1, index[:, None, None, :].expand(-1, scores.shape[1], length, -1))
         if self.variant == "paper":
             # softmax column = exp(score - logsumexp over all keys): no full softmax kept.
@@ -137,7 +138,7 @@ def normalize_map(attention: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """mask (B, H, W, 1) -> (B, h, w), bilinear with antialiasing (a box-like average when shrinking)."""
+    """mask (B, H, W, 1) -> (B, h, w), bilinear, antialiased when shrinking."""
     image = mask.permute(0, 3, 1, 2)
     if tuple(image.shape[-2:]) != tuple(size):
         image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)

@@ -108,6 +108,8 @@ def test_view_batch_shapes_order_and_negative_prompt(model):
     assert not torch.equal(batch.cond[0], batch.cond[1])
     assert torch.equal(batch.context_batch()[:4], batch.uncond) and torch.equal(batch.context_batch()[4:], batch.cond)
     assert batch.eot_batch().tolist() == [1] * 4 + [7] * 4
+    assert torch.equal(batch.eot_indices, batch.cond_eot) and conditioner.feature_dim == 32
+    assert torch.equal(conditioner("a red chair", ["side"]).cond[0], batch.cond[1])
     assert torch.equal(batch.features_batch()[4:], batch.cond_features)
 
     negative = TextConditioner(model, negative_prompt="a wooden table").views("a red chair", ["front"])

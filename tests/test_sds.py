@@ -221,7 +221,7 @@ def test_sds_descent_lowers_denoising_error(models):
     schedule = TimestepSchedule(0.02, 0.98)
     for step in range(200):
         optimizer.zero_grad()
-        t = schedule.sample(1, step, g)
+        t = schedule.sample(1, g, step=step)
         noise = torch.randn(1, 3, 8, 8, generator=g)
         score_distillation(model, x, cond, uncond, t, noise, guidance_scale=1.0).loss.backward()
         optimizer.step()
@@ -233,15 +233,15 @@ def test_sds_descent_lowers_denoising_error(models):
 def test_timestep_schedule_ranges_and_switch():
     g = torch.Generator().manual_seed(12)
     schedule = TimestepSchedule(0.02, 0.5, later=(0.1, 0.3), later_step=100)
-    early = schedule.sample(20000, 0, g)
+    early = schedule.sample(20000, g, step=99)
     assert early.dtype == torch.int64 and early.min() == 20 and early.max() == 500
-    late = schedule.sample(20000, 100, g)
+    late = schedule.sample(20000, g, step=100)
     assert late.min() == 100 and late.max() == 300
     assert abs(late.float().mean().item() - 200) < 2
-    top = TimestepSchedule(0.1, 1.0).sample(1000, 0, g)
+    top = TimestepSchedule(0.1, 1.0).sample(1000, g)
     assert top.max() == 999
-    assert torch.equal(TimestepSchedule().sample(8, 0, torch.Generator().manual_seed(1)),
-                       TimestepSchedule().sample(8, 0, torch.Generator().manual_seed(1)))
+    assert torch.equal(TimestepSchedule().sample(8, torch.Generator().manual_seed(1)),
+                       TimestepSchedule().sample(8, torch.Generator().manual_seed(1)))
     for bad in [(0.5, 0.2), (-0.1, 0.5), (0.1, 1.5)]:
         with pytest.raises(GuidanceConfigError):
             TimestepSchedule(*bad)

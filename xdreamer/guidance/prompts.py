@@ -68,6 +68,11 @@ class ViewConditioning:
     uncond_eot: torch.Tensor
     prompts: list[str]
 
+    @property
+    def eot_indices(self) -> torch.Tensor:
+        """(B,) end-of-text indices of the conditional prompts, the tokens AMA reads."""
+        return self.cond_eot
+
     def context_batch(self) -> torch.Tensor:
         """(2B, L, D) encoder hidden states, unconditional first."""
         return torch.cat([self.uncond, self.cond])
@@ -88,6 +93,7 @@ class TextConditioner:
         self.model = model
         self.negative_prompt = negative_prompt
         self._cache: dict[str, TextEmbedding] = {}
+        self.feature_dim: int = model.text_encoder.config.hidden_size
 
     @property
     def context_length(self) -> int:
@@ -155,6 +161,8 @@ class TextConditioner:
         cond_h, cond_f, cond_eot = stack(cond)
         uncond_h, uncond_f, uncond_eot = stack(uncond)
         return ViewConditioning(cond_h, uncond_h, cond_f, uncond_f, cond_eot, uncond_eot, prompts)
+
+    __call__ = views
 
     def cameras(self, prompt: str, cameras: Cameras, overhead_elevation: float = 60.0) -> ViewConditioning:
         """Conditioning for a batch of cameras, each with its direction-aware prompt."""

@@ -45,8 +45,11 @@ class TimestepSchedule:
             return float(self.later[0]), float(self.later[1])
         return self.min_ratio, self.max_ratio
 
-    def sample(self, batch: int, step: int, generator: torch.Generator, num_train_timesteps: int = 1000) -> torch.Tensor:
-        """(batch,) int64 timesteps, uniform over the integers of [min, max] x T (within [0, T-1])."""
+    def sample(
+        self, batch: int, generator: torch.Generator, num_train_timesteps: int = 1000, step: int = 0
+    ) -> torch.Tensor:
+        """(batch,) int64 timesteps at optimization step `step`, uniform over the integers of
+        [min, max] x T (within [0, T-1]), on the generator's device."""
         lo, hi = self.ratios(step)
         low = min(int(round(lo * num_train_timesteps)), num_train_timesteps - 1)
         high = min(int(round(hi * num_train_timesteps)), num_train_timesteps - 1)

@@ -115,3 +115,31 @@ def bake_textures(
         maps[name] = fill_gutters(texture.reshape(size, size, channels), covered)
     maps["mask"] = covered[..., None].float()
     return maps
+
+
+def texture_images(maps: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Baked maps -> 8-bit images (S, S, C) uint8 RGB as files store them: base_color (sRGB),
+    roughness and metallic (grey, linear), orm (glTF packing: R = 1 - occlusion i.e. visibility,
+    G = roughness, B = metallic, linear) and normal (tangent space, n * 0.5 + 0.5)."""
+    from xdreamer.render.shade import linear_to_srgb
+
+    def u8(x: torch.Tensor) -> np.ndarray:
+        return (x.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+    return {
+        "base_color": u8(linear_to_srgb(maps["kd"])),
+        "roughness": u8(maps["roughness"])[..., 0],
+        "metallic": u8(maps["metallic"])[..., 0],
+        "orm": u8(torch.cat([1 - maps["occlusion"], maps["roughness"], maps["metallic"]], -1)),
+        "normal": u8(maps["normal"] * 0.5 + 0.5),
+    }
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W) or (H, W, 3) uint8 RGB -> PNG bytes."""
+    import cv2
+
+    ok, data = cv2.imencode(".png", image[..., ::-1] if image.ndim == 3 else image)
+    if not ok:
+        raise BakeError("PNG encoding failed")
+    return data.tobytes()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import regex
 from transformers import CLIPTokenizer
 
 START_OF_TEXT = "<|startoftext|>"
@@ -53,8 +54,6 @@ def _write(out_dir: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) 
 
 def _split_words(words: list[str]) -> list[str]:
     """Words as CLIP's pre-tokenizer would see them (letters runs, digits, punctuation runs)."""
-    import regex
-
     pattern = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
     pieces: list[str] = []
     for word in words:

@@ -171,20 +171,44 @@ def edge_neighbors(faces: torch.Tensor) -> torch.Tensor:
     return neighbors.view(count, 3)
 
 
+def _edge_values(sx, sy, ix, iy, ox, oy):
+    """Screen-space edge functions of triangles (N, 3) at the inner and outer pixel centres (N,).
+
+    Edge i runs from vertex i+1 to vertex i+2 and is positive on vertex i's side; returns
+    (at inner, at outer), each (N, 3)."""
+    jx, jy, kx, ky = sx.roll(-1, 1), sy.roll(-1, 1), sx.roll(-2, 1), sy.roll(-2, 1)
+    ex, ey = kx - jx, ky - jy
+    orientation = (ex[:, :1] * (sy[:, :1] - jy[:, :1]) - ey[:, :1] * (sx[:, :1] - jx[:, :1])).sign()
+    at_inner = (ex * (iy[:, None] - jy) - ey * (ix[:, None] - jx)) * orientation
+    at_outer = (ex * (oy[:, None] - jy) - ey * (ox[:, None] - jx)) * orientation
+    return at_inner, at_outer
+
+
+def _screen(pos: torch.Tensor, height: int, width: int):
+    """(..., 4) clip -> pixel-unit x, y (centres at integers, row 0 at the top) and w > 0."""
+    w = pos[..., 3]
+    in_front = w > 0
+    w = torch.where(in_front, w, torch.ones_like(w))
+    return (pos[..., 0] / w + 1.0) * (width / 2) - 0.5, (1.0 - pos[..., 1] / w) * (height / 2) - 0.5, in_front
+
+
 def antialias(
     color: torch.Tensor,
     rast: torch.Tensor,
     pos_clip: torch.Tensor,
     faces: torch.Tensor,
     neighbors: torch.Tensor | None = None,
+    max_steps: int = 8,
 ) -> torch.Tensor:
     """color (B, H, W, C), rast (B, H, W, 4), pos_clip (B, V, 4) -> antialiased (B, H, W, C).
 
     Laine et al. 2020: each horizontal or vertical pixel pair with different triangle ids is
-    checked for a silhouette edge of the nearer triangle crossing the segment between the two
-    pixel centres; the crossing point t (0 at the covered centre, 1 at the other) blends the
+    checked for a silhouette edge crossing the segment between the two pixel centres; the
+    crossing point t (0 at the centre covered by the nearer triangle, 1 at the other) blends the
     colours as a one-pixel box filter would, which makes the result differentiable in vertex
-    positions through t."""
+    positions through t. The silhouette is found by walking from the nearer triangle across
+    front-to-front edges along the segment (at most `max_steps` triangles), so sliver triangles
+    that cover no pixel centre, common near the silhouette of fine meshes, do not hide it."""
     batch, height, width, channels = color.shape
     if neighbors is None:
         neighbors = edge_neighbors(faces)
@@ -205,42 +229,51 @@ def antialias(
         outer = torch.where(a_covers, pb, pa)
         face = torch.where(a_covers, ta, tb) - 1
         image = inner // plane
-        corners = faces[face]
+        ix, iy = (inner % width).to(pos_clip.dtype), (inner % plane // width).to(pos_clip.dtype)
+        ox, oy = (outer % width).to(pos_clip.dtype), (outer % plane // width).to(pos_clip.dtype)
+
         tri_pos = pos_clip.detach()[:, faces]
         edges = _homogeneous_edges(tri_pos)
         front = (tri_pos[..., 0, [0, 1, 3]] * edges[..., 0, :]).sum(-1) > 0  # (B, F) facing
-        in_front = (pos_clip.detach()[image[:, None], corners][..., 3] > 0).all(-1)
-
-    verts = pos_clip[image[:, None], corners]  # (N, 3, 4), differentiable
-    w = torch.where(in_front[:, None], verts[..., 3], torch.ones_like(verts[..., 3]))
-    sx = (verts[..., 0] / w + 1.0) * (width / 2) - 0.5  # pixel units, centres at integers
-    sy = (1.0 - verts[..., 1] / w) * (height / 2) - 0.5
-    dtype = sx.dtype
-    ix, iy = (inner % width).to(dtype), (inner % plane // width).to(dtype)
-    ox, oy = (outer % width).to(dtype), (outer % plane // width).to(dtype)
-
-    # Edge i runs from vertex i+1 to vertex i+2; its function is positive on vertex i's side.
-    jx, jy, kx, ky = sx.roll(-1, 1), sy.roll(-1, 1), sx.roll(-2, 1), sy.roll(-2, 1)
-
-    def edge_function(px, py):
-        return (kx - jx) * (py[:, None] - jy) - (ky - jy) * (px[:, None] - jx)
-
-    orientation = edge_function(sx[:, 0], sy[:, 0])[:, 0:1].sign()
-    f_in, f_out = edge_function(ix, iy) * orientation, edge_function(ox, oy) * orientation
-    leaving = f_out < 0
-    t = torch.where(leaving, f_in / torch.where(leaving, f_in - f_out, torch.ones_like(f_in)), torch.full_like(f_in, 2.0))
-    t, exit_edge = t.min(-1)
-
-    with torch.no_grad():
-        across = neighbors[face, exit_edge]
+        sx_all, sy_all, in_front_all = _screen(pos_clip.detach(), height, width)
         facing = front[image, face]
-        silhouette = (across < 0) | (front[image, across.clamp(min=0)] != facing)
-        keep = (silhouette & in_front & (t <= 1.0) & (orientation[:, 0] != 0)).nonzero().squeeze(1)
 
-    t = t[keep].clamp(0.0, 1.0)[:, None].to(color.dtype)
+        current = face.clone()
+        active = torch.ones_like(face, dtype=torch.bool)
+        found = torch.zeros_like(active)
+        exit_edge = torch.zeros_like(face)
+        for _ in range(max_steps):
+            corners = faces[current]
+            sx, sy = sx_all[image[:, None], corners], sy_all[image[:, None], corners]
+            usable = in_front_all[image[:, None], corners].all(-1)
+            at_inner, at_outer = _edge_values(sx, sy, ix, iy, ox, oy)
+            # Along the segment an edge function falls linearly; the triangle is left where the
+            # first falling one reaches 0.
+            falling = at_inner - at_outer
+            t, edge = torch.where(falling > 0, at_inner / falling.where(falling > 0, 1.0), torch.inf).min(-1)
+            across = neighbors[current, edge]
+            silhouette = (across < 0) | (front[image, across.clamp(min=0)] != facing)
+            crossing = active & usable & (t <= 1.0)
+            hit = crossing & silhouette
+            found |= hit
+            exit_edge = torch.where(hit, edge, exit_edge)
+            active = crossing & ~silhouette
+            current = torch.where(active, across, current)
+            if not bool(active.any()):
+                break
+        keep = found.nonzero().squeeze(1)
+        face, exit_edge, image = current[keep], exit_edge[keep], image[keep]
+        inner, outer = inner[keep], outer[keep]
+        ix, iy, ox, oy = ix[keep], iy[keep], ox[keep], oy[keep]
+
+    corners = faces[face]
+    sx, sy, _ = _screen(pos_clip[image[:, None], corners], height, width)  # differentiable
+    at_inner, at_outer = _edge_values(sx, sy, ix, iy, ox, oy)
+    at_inner, at_outer = at_inner.gather(1, exit_edge[:, None]), at_outer.gather(1, exit_edge[:, None])
+    t = (at_inner / (at_inner - at_outer)).clamp(0.0, 1.0).to(color.dtype)
     flat = color.reshape(-1, channels)
-    c_in, c_out = flat[inner[keep]], flat[outer[keep]]
-    spills = t > 0.5  # the covering triangle reaches into the outer pixel, else it misses part of its own
-    target = torch.where(spills[:, 0], outer[keep], inner[keep])
+    c_in, c_out = flat[inner], flat[outer]
+    spills = t > 0.5  # the covering surface reaches into the outer pixel, else misses part of its own
+    target = torch.where(spills[:, 0], outer, inner)
     delta = torch.where(spills, (t - 0.5) * (c_in - c_out), (0.5 - t) * (c_out - c_in))
     return flat.index_add(0, target, delta).view(batch, height, width, channels)

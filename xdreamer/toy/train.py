@@ -1,0 +1,383 @@
+"""Training the embedded toy guidance model: a small pixel-space text-to-image diffusion model.
+
+Like DeepFloyd IF (no VAE, 3-channel 32x32 images in [-1, 1]) but tiny: a UNet2DConditionModel
+with cross-attention blocks, conditioned on the last hidden state of a small CLIPTextModel
+trained jointly from scratch, epsilon prediction under a linear DDPM schedule (the pixel-space
+DDPM one). The export is a diffusers folder (unet/, text_encoder/, tokenizer/, scheduler/,
+model_index.json, safetensors) that `load_guidance_model("toy")` reads.
+
+Layout of `out_dir`: work/ (dataset cache, checkpoint, tokenizer), model/ (the export),
+loss.png, losses.json, samples.png.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xdreamer.atomic import atomic_path, write_json
+from xdreamer.toy.dataset import ToyDataset, build_dataset
+from xdreamer.toy.world import COLOURS, HELD_OUT, SHAPES, caption, caption_words
+
+RESOLUTION = 32
+TEXT_DIM = 64
+CAPTION_DROPOUT = 0.1  # empty caption, for classifier-free guidance
+VIEW_SUFFIX_PROBABILITY = 0.75  # otherwise the caption has no ", front view" suffix
+
+
+@dataclass
+class ToyTrainingConfig:
+    """What a training run depends on; the defaults reproduce the shipped model."""
+
+    steps: int = 2200
+    batch_size: int = 16
+    seed: int = 0
+    dataset_size: int = 672  # placements; each gives 4 views x (shaded, normal map) images
+    lr: float = 1e-3
+    warmup: int = 100
+    ema_decay: float = 0.995
+    checkpoint_every: int = 100
+
+
+def make_scheduler():
+    """The DDPM noise schedule: 1000 steps, linear betas 1e-4 .. 0.02, epsilon prediction."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        clip_sample=True,
+        clip_sample_range=1.0,
+    )
+
+
+def make_unet():
+    """UNet2DConditionModel on (3, 32, 32): channels 32/64/64, cross-attention at 16x16 and 8x8
+    (down and up) and in the middle block, 4 heads, text width 64."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+def make_text_encoder(tokenizer):
+    """A 2-layer CLIPTextModel of width 64 over the toy tokenizer's vocabulary, 77 positions."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_DIM,
+        intermediate_size=4 * TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=TEXT_DIM,
+    )
+    return CLIPTextModel(config)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """(B,) captions -> (B, 77) token ids padded with end-of-text, as the guidance loader does."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode_text(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
+    """(B,) captions -> (B, 77, 64) last hidden states, the UNet's cross-attention context."""
+    return text_encoder(tokenize(tokenizer, captions).to(text_encoder.device)).last_hidden_state
+
+
+def random_captions(dataset: ToyDataset, index: torch.Tensor, generator: torch.Generator) -> list[str]:
+    """Captions for a batch: empty with probability CAPTION_DROPOUT, else with a view suffix
+    with probability VIEW_SUFFIX_PROBABILITY."""
+    u = torch.rand(len(index), 2, generator=generator)
+    captions = []
+    for i, (drop, suffix) in zip(index.tolist(), u.tolist()):
+        if drop < CAPTION_DROPOUT:
+            captions.append("")
+        else:
+            captions.append(dataset.caption(i, with_view=suffix < VIEW_SUFFIX_PROBABILITY))
+    return captions
+
+
+def _lr_factor(step: int, config: ToyTrainingConfig) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def _update_ema(ema: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], step: int, decay: float) -> None:
+    decay = min(decay, (1 + step) / (10 + step))  # short warm-up: early EMA follows the weights
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            if value.dtype.is_floating_point:
+                ema[f"{name}.{key}"].lerp_(value, 1 - decay)
+
+
+@torch.no_grad()
+def sample(
+    unet,
+    text_encoder,
+    tokenizer,
+    scheduler,
+    captions: list[str],
+    generator: torch.Generator,
+    guidance_scale: float = 4.0,
+    steps: int = 25,
+) -> torch.Tensor:
+    """DDIM sampling with classifier-free guidance: (B,) captions -> (B, 32, 32, 3) in [0, 1]."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps)
+    size = unet.config.sample_size
+    context = encode_text(text_encoder, tokenizer, captions + [""] * len(captions))
+    x = torch.randn(len(captions), 3, size, size, generator=generator)
+    for t in ddim.timesteps:
+        eps_cond, eps_uncond = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
+        eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        x = ddim.step(eps, t, x).prev_sample
+    return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+
+
+def export_model(out_dir: Path, unet, text_encoder, tokenizer_dir: Path, scheduler) -> Path:
+    """Write the diffusers folder (safetensors) to `out_dir` atomically: built beside it, then
+    swapped in."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    scheduler.save_pretrained(tmp / "scheduler")
+    index = {
+        "_class_name": "DiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
+    write_json(tmp / "model_index.json", index)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+    return out_dir
+
+
+def save_loss_curve(path: Path, losses: list[float], width: int = 640, height: int = 360) -> None:
+    """PNG of the training loss (log scale): raw per step in light gray, 50-step mean in blue."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 60, width - 20, 20, height - 40
+    values = np.log10(np.maximum(np.asarray(losses, dtype=np.float64), 1e-8))
+    window = min(50, len(values))
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    lo, hi = math.floor(values.min() * 2) / 2, math.ceil(values.max() * 2) / 2
+    hi = max(hi, lo + 0.5)
+
+    def xy(i: int, v: float) -> tuple[float, float]:
+        x = left + (right - left) * i / max(1, len(values) - 1)
+        return x, bottom - (bottom - top) * (v - lo) / (hi - lo)
+
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for tick in np.arange(lo, hi + 1e-9, 0.5):
+        y = xy(0, tick)[1]
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((4, y - 6), f"{10 ** tick:.3g}", fill="black")
+    draw.text((left, bottom + 8), f"step 0 .. {len(values)}   loss (epsilon MSE), log scale", fill="black")
+    draw.line([xy(i, v) for i, v in enumerate(values)], fill=(200, 200, 200))
+    draw.line([xy(i + window - 1, v) for i, v in enumerate(smooth)], fill=(30, 80, 200), width=2)
+    with atomic_path(path) as tmp:
+        image.save(tmp)
+
+
+def save_sample_grid(path: Path, images: torch.Tensor, rows: int, columns: int, marked: list[int], scale: int = 3) -> None:
+    """PNG grid of (rows * columns, H, W, 3) images, upscaled `scale` x; images whose index is in
+    `marked` (held-out pairs) get a white frame."""
+    from PIL import Image
+
+    h, w = images.shape[1:3]
+    pad = 2
+    grid = np.zeros((rows * (h + 2 * pad), columns * (w + 2 * pad), 3), dtype=np.uint8)
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    for k in range(rows * columns):
+        r, c = divmod(k, columns)
+        y, x = r * (h + 2 * pad), c * (w + 2 * pad)
+        if k in marked:
+            grid[y : y + h + 2 * pad, x : x + w + 2 * pad] = 255
+        grid[y + pad : y + pad + h, x + pad : x + pad + w] = pixels[k]
+    image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        image.save(tmp)
+
+
+def grid_captions(samples_per_pair: int = 1) -> tuple[list[str], list[int]]:
+    """Captions for the sample grid: one row per shape, `samples_per_pair` columns per colour
+    (all 48 pairs, held-out ones included), and the indices of the held-out cells."""
+    captions, held_out = [], []
+    for shape in SHAPES:
+        for colour in COLOURS:
+            for _ in range(samples_per_pair):
+                if (shape, colour) in HELD_OUT:
+                    held_out.append(len(captions))
+                captions.append(caption(shape, colour))
+    return captions, held_out
+
+
+def _load_or_build_dataset(work: Path, config: ToyTrainingConfig, progress: bool) -> ToyDataset:
+    path = work / f"dataset_{config.dataset_size}_{RESOLUTION}_seed{config.seed}.pt"
+    if path.is_file():
+        return ToyDataset.load(path)
+    dataset = build_dataset(config.dataset_size, RESOLUTION, torch.Generator().manual_seed(config.seed), progress=progress)
+    dataset.save(path)
+    return dataset
+
+
+def train_toy_model(
+    out_dir: str | Path,
+    steps: int = ToyTrainingConfig.steps,
+    batch_size: int = ToyTrainingConfig.batch_size,
+    seed: int = ToyTrainingConfig.seed,
+    resume: bool = True,
+    dataset_size: int = ToyTrainingConfig.dataset_size,
+    progress: bool = True,
+    num_threads: int | None = None,
+) -> Path:
+    """Render (once, cached) the toy dataset, train the toy model, export it to out_dir/model.
+
+    Resumes from out_dir/work/checkpoint.pt when `resume` and the checkpoint matches the
+    configuration. Writes loss.png, losses.json and samples.png (DDIM, 25 steps, guidance 4)
+    next to the export. `num_threads` sets torch's CPU threads (1 is fastest on a busy machine).
+    Returns the export's path."""
+    from tqdm import tqdm
+
+    from xdreamer.guidance.tokenizer import build_clip_tokenizer
+
+    if steps < 1 or batch_size < 1 or dataset_size < 1:
+        raise ValueError("steps, batch_size and dataset_size must be positive")
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    config = ToyTrainingConfig(steps=steps, batch_size=batch_size, seed=seed, dataset_size=dataset_size)
+    out_dir = Path(out_dir)
+    work = out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+
+    dataset = _load_or_build_dataset(work, config, progress)
+    tokenizer = build_clip_tokenizer(work / "tokenizer", caption_words())
+    scheduler = make_scheduler()
+    alphas_cumprod = scheduler.alphas_cumprod.float()
+    # Weight initialization draws from torch's global generator: seed it without leaking state.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    parameters = [p for m in modules.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.01)
+    ema = {f"{n}.{k}": v.detach().clone() for n, m in modules.items() for k, v in m.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed + 1)
+    losses: list[float] = []
+    start = 0
+
+    checkpoint_path = work / "checkpoint.pt"
+    if resume and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, weights_only=False)
+        if state["config"] == asdict(config):
+            for name, module in modules.items():
+                module.load_state_dict(state[name])
+            optimizer.load_state_dict(state["optimizer"])
+            ema = state["ema"]
+            generator.set_state(state["generator"])
+            losses, start = state["losses"], state["step"]
+
+    def save_checkpoint(step: int) -> None:
+        state = {name: module.state_dict() for name, module in modules.items()}
+        state.update(
+            optimizer=optimizer.state_dict(), ema=ema, generator=generator.get_state(), losses=losses, step=step,
+            config=asdict(config),
+        )
+        with atomic_path(checkpoint_path) as tmp:
+            torch.save(state, tmp)
+
+    for module in modules.values():
+        module.train()
+    began = time.time()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="training toy model", disable=not progress)
+    for step in bar:
+        index = torch.randint(len(dataset), (batch_size,), generator=generator)
+        x0 = dataset.images[index].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        captions = random_captions(dataset, index, generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        context = encode_text(text_encoder, tokenizer, captions)
+        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=context).sample, noise)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(step, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        _update_ema(ema, modules, step, config.ema_decay)
+        losses.append(loss.item())
+        if progress:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
+            save_checkpoint(step + 1)
+
+    # The export carries the EMA weights.
+    for name, module in modules.items():
+        module.load_state_dict({k[len(name) + 1 :]: v for k, v in ema.items() if k.startswith(name + ".")})
+        module.eval()
+    model_dir = export_model(out_dir / "model", unet, text_encoder, work / "tokenizer", scheduler)
+    write_json(
+        out_dir / "losses.json",
+        {"config": asdict(config), "losses": losses, "train_seconds_this_session": time.time() - began},
+    )
+    save_loss_curve(out_dir / "loss.png", losses)
+    captions, held_out = grid_captions()
+    images = sample(unet, text_encoder, tokenizer, scheduler, captions, torch.Generator().manual_seed(seed))
+    save_sample_grid(out_dir / "samples.png", images, len(SHAPES), len(captions) // len(SHAPES), held_out)
+    return model_dir
+
+
+def model_size_bytes(model_dir: str | Path) -> int:
+    """Total size of the files in an exported model folder."""
+    return sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
+

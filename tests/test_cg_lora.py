@@ -4,6 +4,7 @@ and reaches every adapter, ablation switches remove the parts, weights round-tri
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
 from tiny_models import make_tiny_sd
 
 from xdreamer.guidance.ama import AttentionRecorder, ama_loss
@@ -13,6 +14,7 @@ from xdreamer.guidance.cg_lora import (
     XDreamerAttnProcessor,
     install_attention_processors,
     make_cg_lora_optimizer,
+    remove_attention_processors,
 )
 from xdreamer.guidance.loader import load_guidance_model
 from xdreamer.guidance.prompts import TextConditioner
@@ -104,7 +106,10 @@ def test_ama_gradients_reach_every_cg_lora_part_and_make_output_camera_dependent
     latents, t, context = unet_inputs(1)
     text = torch.randn(1, TEXT_DIM, generator=torch.Generator().manual_seed(1))
     cameras = spherical_cameras(
-        torch.tensor([10.0, 30.0]), torch.tensor([0.0, 120.0]), torch.tensor([3.0, 3.0]), torch.deg2rad(torch.tensor([40.0, 30.0]))
+        elevation=torch.tensor([10.0, 30.0]),
+        azimuth=torch.tensor([0.0, 120.0]),
+        radius=torch.tensor([3.0, 3.0]),
+        fov_y=torch.deg2rad(torch.tensor([40.0, 30.0])),
     )
     camera_features = cameras.features()
 
@@ -211,6 +216,21 @@ def test_ablation_switches_remove_the_parts(model_dirs):
         unet(latents, t, context)
     assert all(p.recorder is None for p in unet.attn_processors.values() if isinstance(p, XDreamerAttnProcessor))
     assert unplugged.maps == []
+
+
+def test_reinstalling_keeps_untouched_processors_and_undoes_earlier_installs(model_dirs):
+    unet = fresh_unet(model_dirs)
+    unet.set_attn_processor(SlicedAttnProcessor(1))  # the loader's attention slicing
+    install_attention_processors(unet, CameraGuidedLoRA(unet, TEXT_DIM, targets="all"), AttentionRecorder())
+    assert all(isinstance(p, XDreamerAttnProcessor) for p in unet.attn_processors.values())
+    install_attention_processors(unet, None, AttentionRecorder())
+    kinds = {name.split(".")[-2]: type(p) for name, p in unet.attn_processors.items()}
+    assert kinds == {"attn1": AttnProcessor2_0, "attn2": XDreamerAttnProcessor}
+    unet.set_attn_processor({n: SlicedAttnProcessor(1) if "attn1" in n else p for n, p in unet.attn_processors.items()})
+    install_attention_processors(unet, CameraGuidedLoRA(unet, TEXT_DIM), None)
+    remove_attention_processors(unet)
+    kinds = {name.split(".")[-2]: type(p) for name, p in unet.attn_processors.items()}
+    assert kinds == {"attn1": SlicedAttnProcessor, "attn2": AttnProcessor2_0}
 
 
 def test_condition_must_match_the_unet_call(model_dirs):

@@ -179,7 +179,9 @@ class CameraGuidedLoRA(nn.Module):
             raise CGLoRAError(f"CG-LoRA weights do not match: missing {missing[:3]}, unexpected {extra[:3]}")
         for name, value in state.items():
             if own[name].shape != value.shape:
-                raise CGLoRAError(f"CG-LoRA weight {name} has shape {tuple(value.shape)}, expected {tuple(own[name].shape)}")
+                raise CGLoRAError(
+                    f"CG-LoRA weight {name} has shape {tuple(value.shape)}, expected {tuple(own[name].shape)}"
+                )
         self.load_state_dict(state)
 
     def save(self, path: str | Path) -> Path:
@@ -284,8 +286,9 @@ def install_attention_processors(
     """Route the UNet's attention through `XDreamerAttnProcessor` where needed and freeze the UNet.
 
     Layers adapted by `lora` get their adapters; cross-attention layers get `recorder` (AMA); any
-    other layer gets the default AttnProcessor2_0. With neither (CG-LoRA and AMA both off) the UNet
-    is left untouched. The ablation "AMA without CG-LoRA" is lora=None with a recorder."""
+    other layer keeps its processor (e.g. the loader's sliced attention), except that one left by
+    an earlier install goes back to AttnProcessor2_0. With neither (CG-LoRA and AMA both off) the
+    UNet is left untouched. The ablation "AMA without CG-LoRA" is lora=None with a recorder."""
     if lora is None and recorder is None:
         return
     modules = dict(unet.named_modules())
@@ -299,13 +302,14 @@ def install_attention_processors(
             ):
                 raise CGLoRAError(f"CG-LoRA was built for another UNet: no matching attention at {path!r}")
     processors = {}
-    for name in unet.attn_processors:
+    for name, current in unet.attn_processors.items():
         path = name.removesuffix(".processor")
         module = modules[path]
         adapters = lora.adapters(path) if lora is not None else None
         layer_recorder = recorder if module.is_cross_attention else None
         if adapters is None and layer_recorder is None:
-            processors[name] = AttnProcessor2_0()
+            # Keep the loader's choice (SDPA or sliced attention); only undo an earlier install.
+            processors[name] = AttnProcessor2_0() if isinstance(current, XDreamerAttnProcessor) else current
         else:
             processors[name] = XDreamerAttnProcessor(lora if adapters is not None else None, adapters, layer_recorder)
     unet.set_attn_processor(processors)
@@ -313,8 +317,13 @@ def install_attention_processors(
 
 
 def remove_attention_processors(unet: nn.Module) -> None:
-    """Put diffusers' default AttnProcessor2_0 back on every attention layer."""
-    unet.set_attn_processor(AttnProcessor2_0())
+    """Put diffusers' default AttnProcessor2_0 back wherever an XDreamerAttnProcessor was installed."""
+    unet.set_attn_processor(
+        {
+            name: AttnProcessor2_0() if isinstance(current, XDreamerAttnProcessor) else current
+            for name, current in unet.attn_processors.items()
+        }
+    )
 
 
 class ClippedOptimizer:

@@ -38,7 +38,8 @@ def _gather_vertices(values: torch.Tensor, image: torch.Tensor, corners: torch.T
     backward (index_add) is much faster than advanced indexing's."""
     count = values.shape[1]
     index = corners + (image[:, None] * count if values.shape[0] > 1 else 0)
-    return values.reshape(-1, values.shape[-1]).index_select(0, index.reshape(-1)).view(*corners.shape, -1)
+    channels = values.shape[-1]
+    return values.reshape(-1, channels).index_select(0, index.reshape(-1)).view(*corners.shape, channels)
 
 
 def rasterize(
@@ -239,13 +240,20 @@ def antialias(
         inner = torch.where(a_covers, pa, pb)
         outer = torch.where(a_covers, pb, pa)
         face = torch.where(a_covers, ta, tb) - 1
+        other = torch.where(a_covers, tb, ta) - 1
         image = inner // plane
-        ix, iy = (inner % width).to(pos_clip.dtype), (inner % plane // width).to(pos_clip.dtype)
-        ox, oy = (outer % width).to(pos_clip.dtype), (outer % plane // width).to(pos_clip.dtype)
-
         tri_pos = pos_clip.detach()[:, faces]
         edges = _homogeneous_edges(tri_pos)
         front = (tri_pos[..., 0, [0, 1, 3]] * edges[..., 0, :]).sum(-1) > 0  # (B, F) facing
+        # Most pairs lie inside one surface, in two triangles sharing an edge and facing the same
+        # way: no silhouette can lie between them, so they skip the walk.
+        joined = (other >= 0) & (neighbors[face] == other[:, None]).any(-1)
+        joined &= front[image, face] == front[image, other.clamp(min=0)]
+        pair = (~joined).nonzero().squeeze(1)
+        inner, outer, face, image = inner[pair], outer[pair], face[pair], image[pair]
+        ix, iy = (inner % width).to(pos_clip.dtype), (inner % plane // width).to(pos_clip.dtype)
+        ox, oy = (outer % width).to(pos_clip.dtype), (outer % plane // width).to(pos_clip.dtype)
+
         sx_all, sy_all, in_front_all = _screen(pos_clip.detach(), height, width)
         facing = front[image, face]
 

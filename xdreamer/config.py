@@ -41,6 +41,7 @@ class GeometryConfig:
     grid_resolution: int = 128
     grid_scale: float = 2.1
     encoding: str = "hash"  # hash | frequency
+    hash_log2_table_size: int = 19
     iters: int = 3000
     lr: float = 1e-3
     render_resolution: int = 512
@@ -58,6 +59,7 @@ class AppearanceConfig:
     iters: int = 2000
     lr: float = 1e-2
     encoding: str = "hash"
+    hash_log2_table_size: int = 19
     render_resolution: int = 512
     t_range_early: list[float] = field(default_factory=lambda: [0.1, 0.98])
     t_range: list[float] = field(default_factory=lambda: [0.1, 0.5])

@@ -114,6 +114,7 @@ class Run:
             grid_resolution=cfg.geometry.grid_resolution,
             grid_scale=cfg.geometry.grid_scale,
             encoding=cfg.geometry.encoding,
+            hash_log2_table_size=cfg.geometry.hash_log2_table_size,
         ).to(device)
         self.geometry_optimizer = torch.optim.AdamW(
             self.geometry.parameters(), lr=cfg.geometry.lr, betas=(0.9, 0.99), eps=1e-15
@@ -311,7 +312,7 @@ class Run:
         return True
 
     def _record(self, losses: dict, every: int = 10) -> dict[str, float]:
-        values = {k: float(v) for k, v in losses.items() if k not in ("skipped", "total")}
+        values = {k: float(v.detach()) for k, v in losses.items() if k not in ("skipped", "total")}
         if self.state.step % every == 0:
             for key, value in values.items():
                 self.state.losses.setdefault(f"{self.state.stage}/{key}", []).append(value)
@@ -328,7 +329,7 @@ class Run:
         else:
             target = MeshSDF(normalize_mesh(load_mesh(cfg.shape)))
         losses = fit_geometry_to_sdf(
-            self.geometry, target.sdf, target.sample_surface, steps=cfg.steps, lr=cfg.lr, generator=self.generator
+            self.geometry, target, target.sample_surface, generator=self.generator, steps=cfg.steps, lr=cfg.lr
         )
         # The stage optimizer starts fresh after the init fit.
         self.geometry_optimizer = torch.optim.AdamW(
@@ -362,11 +363,10 @@ class Run:
         return self._record(losses)
 
     def _build_material(self) -> None:
-        mesh = self.fixed_mesh()
-        self.material = MaterialNetwork(
-            mesh.vertices.min(0).values, mesh.vertices.max(0).values,
-            encoding=self.cfg.appearance.encoding, metallic=self.cfg.appearance.metallic,
-        ).to(self.device)
+        a = self.cfg.appearance
+        self.material = MaterialNetwork.for_mesh(
+            self.fixed_mesh(), encoding=a.encoding, metallic=a.metallic, log2_table_size=a.hash_log2_table_size
+        )
         self.material_optimizer = torch.optim.AdamW(
             self.material.parameters(), lr=self.cfg.appearance.lr, betas=(0.9, 0.99), eps=1e-15
         )
@@ -383,10 +383,11 @@ class Run:
     def environment(self) -> EnvironmentLight:
         if self.light is None:
             a = self.cfg.appearance
-            hdr = load_environment(a.environment, scale=a.environment_scale) if a.environment else default_environment(
-                scale=a.environment_scale
-            )
-            self.light = EnvironmentLight(hdr.to(self.device))
+            if a.environment:
+                light = load_environment(a.environment, scale=a.environment_scale)
+            else:
+                light = default_environment(scale=a.environment_scale)
+            self.light = light.to(self.device)
         return self.light
 
     def appearance_step(self) -> dict[str, float]:
@@ -395,7 +396,7 @@ class Run:
         cameras = sample_cameras(cfg.views, self.generator, camera_sampling(cfg))
         out = render_pbr(
             self.fixed_mesh(), cameras.to(self.device), a.render_resolution, self.material, self.environment(),
-            background=torch.tensor(list(a.background), device=self.device),
+            background=tuple(a.background),
         )
         rgb, mask = out["rgb"], out["mask"]
         model_input = self.guidance.encode_images(rgb)
@@ -414,13 +415,16 @@ class Run:
 
     def validate_appearance(self, tag: str) -> None:
         with torch.no_grad():
-            out = render_pbr(self.fixed_mesh(), orbit_cameras(4).to(self.device), 256, self.material, self.environment())
+            out = render_pbr(
+                self.fixed_mesh(), orbit_cameras(4).to(self.device), 256, self.material, self.environment(),
+                background=tuple(self.cfg.appearance.background),
+            )
         _write_png(self.paths.appearance / f"validation_{tag}.png", _grid_image(out["rgb"]))
 
     def export(self, formats: list[str], texture_size: int) -> dict[str, str]:
         """UV-unwrap, bake, write GLB/OBJ and the turntable video."""
         start = time.perf_counter()
-        mesh = unwrap(self.fixed_mesh())
+        mesh = unwrap(self.fixed_mesh(), texture_size=texture_size)
         with torch.no_grad():
             textures = bake_textures(mesh, self.material, size=texture_size)
         written = {}
@@ -437,7 +441,8 @@ class Run:
         with torch.no_grad():
             for i in range(0, len(cameras), 8):
                 out = render_textured(
-                    mesh, textures, cameras[i : i + 8].to(self.device), e.turntable_resolution, self.environment()
+                    mesh, cameras[i : i + 8].to(self.device), e.turntable_resolution, textures, self.environment(),
+                    background=tuple(self.cfg.appearance.background),
                 )
                 frames.extend((out["rgb"].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
         write_video(frames, self.paths.turntable, fps=e.fps)

@@ -93,7 +93,8 @@ class RunState:
     consecutive_skips: int = 0
     restores: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    losses: dict[str, list[float]] = field(default_factory=dict)
+    losses: dict[str, list[float]] = field(default_factory=dict)  # every 10th step
+    latest_losses: dict[str, float] = field(default_factory=dict)
 
 
 class Run:
@@ -155,6 +156,7 @@ class Run:
             "restores": s.restores,
             "timings": s.timings,
             "losses": s.losses,
+            "latest_losses": s.latest_losses,
             "generator": self.generator.get_state(),
             "geometry": self.geometry.state_dict(),
             "geometry_optimizer": self.geometry_optimizer.state_dict(),
@@ -172,6 +174,7 @@ class Run:
         s.stage, s.step = state["stage"], state["step"]
         s.nan_skips, s.consecutive_skips = state["nan_skips"], state["consecutive_skips"]
         s.restores, s.timings, s.losses = state["restores"], state["timings"], state["losses"]
+        s.latest_losses = state["latest_losses"]
         self.generator.set_state(state["generator"])
         self.geometry.load_state_dict(state["geometry"])
         self.geometry_optimizer.load_state_dict(state["geometry_optimizer"])
@@ -220,7 +223,7 @@ class Run:
                     "python": platform.python_version(),
                 },
                 "timings_s": s.timings,
-                "final_losses": {k: v[-1] for k, v in s.losses.items() if v},
+                "final_losses": s.latest_losses,
                 "losses": s.losses,
                 "skipped_nan_steps": s.nan_skips,
                 "restored_checkpoints": s.restores,
@@ -313,6 +316,8 @@ class Run:
 
     def _record(self, losses: dict, every: int = 10) -> dict[str, float]:
         values = {k: float(v.detach()) for k, v in losses.items() if k not in ("skipped", "total")}
+        for key, value in values.items():
+            self.state.latest_losses[f"{self.state.stage}/{key}"] = value
         if self.state.step % every == 0:
             for key, value in values.items():
                 self.state.losses.setdefault(f"{self.state.stage}/{key}", []).append(value)
@@ -336,6 +341,7 @@ class Run:
             self.geometry.parameters(), lr=self.cfg.geometry.lr, betas=(0.9, 0.99), eps=1e-15
         )
         self.state.losses["init/sdf_mse"] = losses[:: max(1, len(losses) // 50)] + losses[-1:]
+        self.state.latest_losses["init/sdf_mse"] = losses[-1]
         self.state.timings["init"] = time.perf_counter() - start
         self.validate_geometry("init")
 

@@ -94,9 +94,9 @@ def _run(args) -> int:
         train.main(out_dir=Path(args.out), steps=args.steps, seed=args.seed)
         return 0
     if args.command == "toy" and args.toy_command == "eval":
-        from xdreamer.toy import eval as toy_eval
+        from xdreamer import pipeline
 
-        return toy_eval.main(args)
+        return pipeline.toy_benchmark(args)
     raise AssertionError(args.command)
 
 

@@ -625,3 +625,23 @@ def render_command(args) -> int:
     print(f"xdreamer: rendered {args.views} views of {source} into {out}")
     return 0
 
+
+
+def toy_benchmark(args) -> int:
+    """`xdreamer toy eval`: generate every prompt under every ablation and score it."""
+    from xdreamer.toy import eval as toy_eval
+
+    prompts = toy_eval.read_prompts(Path(args.prompts) if args.prompts else None)
+    ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
+    user_overrides = list(args.overrides)
+    load_config(preset="toy", prompt=prompts[0], overrides=user_overrides)  # bad overrides fail before any run
+
+    def generate_one(prompt: str, run_dir: Path, overrides: list[str]) -> int:
+        cfg = load_config(preset="toy", prompt=prompt, overrides=user_overrides + overrides)
+        return generate(cfg, run_dir, overwrite=True)
+
+    out = Path(args.out)
+    scores = toy_eval.run_benchmark(prompts, out, ablations, generate_one)
+    print(toy_eval.markdown_table(scores))
+    print(f"xdreamer: benchmark written to {out / 'eval.json'} and {out / 'eval.md'}")
+    return 0

@@ -360,13 +360,15 @@ def read_hdr_image(path: str | Path) -> torch.Tensor:
         raise EnvironmentMapError(f"environment map not found: {path}")
     if path.suffix.lower() not in (".hdr", ".exr", ".pic"):
         raise EnvironmentMapError(f"environment map must be .hdr or .exr, got {path.name}")
+    exr_hint = ""
+    if path.suffix.lower() == ".exr":
+        exr_hint = " (this OpenCV may lack OpenEXR: set OPENCV_IO_ENABLE_OPENEXR=1 before starting, or convert to .hdr)"
     try:
         image = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     except cv2.error as exc:
-        raise EnvironmentMapError(f"cannot read environment map {path}: {str(exc).splitlines()[0]}") from None
+        raise EnvironmentMapError(f"cannot read environment map {path}: {str(exc).strip().splitlines()[-1]}{exr_hint}") from None
     if image is None:
-        hint = " (OpenCV was imported before OPENCV_IO_ENABLE_OPENEXR=1 was set)" if path.suffix.lower() == ".exr" else ""
-        raise EnvironmentMapError(f"cannot read environment map {path}{hint}")
+        raise EnvironmentMapError(f"cannot read environment map {path}{exr_hint}")
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
     image = image[..., :3][..., ::-1].astype(np.float32)  # BGR(A) -> RGB

@@ -146,3 +146,38 @@ def test_latent_sd_model_end_to_end(tmp_path):
     # AMA trained CG-LoRA: its zero-initialized up matrices have moved.
     ups = [v for k, v in lora.items() if k.endswith("up.weight")]
     assert ups and max(float(u.abs().max()) for u in ups) > 0.0
+
+
+def test_data_parallel_ranks_take_their_own_azimuth_sector():
+    from xdreamer.distributed import DataParallel
+    from xdreamer.render.camera import sample_cameras
+
+    views, world = 2, 4
+    cameras = sample_cameras(views * world, torch.Generator().manual_seed(0))
+    seen = []
+    for rank in range(world):
+        own = DataParallel(rank, world).own(cameras, views)
+        lo = -180.0 + rank * 360.0 / world
+        assert len(own) == views
+        assert ((own.azimuth >= lo) & (own.azimuth < lo + 360.0 / world)).all()
+        seen.append(own.azimuth)
+    assert torch.equal(torch.cat(seen), cameras.azimuth)
+
+
+def test_torchrun_two_ranks_on_cpu(tmp_path):
+    from tiny_models import make_tiny_pixel_model
+
+    model = make_tiny_pixel_model(tmp_path / "tiny_pixel")
+    run = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "xdreamer.cli", "generate", "a red cube", "--model", str(model), "--preset", "toy",
+         "--out", str(run), *TINY, "--views", "1"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = check_run_dir(run)
+    assert report["model"] == str(model)
+    # Only rank 0 writes: one summary line, one log.
+    assert result.stdout.count("xdreamer: done") == 1

@@ -21,6 +21,7 @@ import xdreamer
 from xdreamer.appearance.material import MaterialNetwork
 from xdreamer.atomic import atomic_path, write_text
 from xdreamer.config import ConfigError, load_config, to_yaml
+from xdreamer.distributed import DataParallel, init_data_parallel
 from xdreamer.export.bake import bake_textures, unwrap
 from xdreamer.export.gltf import write_glb
 from xdreamer.export.obj import write_obj
@@ -60,7 +61,7 @@ class DeviceError(ValueError):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError("--device cuda was asked for but this machine has no CUDA GPU (use --device cpu or auto)")
     return torch.device(name)
 
@@ -100,12 +101,15 @@ class RunState:
 class Run:
     """One generation: the guidance, the geometry, the material, and their optimizers."""
 
-    def __init__(self, cfg: DictConfig, paths: RunPaths, guidance: GuidanceModel, device: torch.device):
+    def __init__(
+        self, cfg: DictConfig, paths: RunPaths, guidance: GuidanceModel, device: torch.device, dp: DataParallel
+    ):
         self.cfg = cfg
+        self.dp = dp
         self.paths = paths
         self.guidance = guidance
         self.device = device
-        self.log = file_logger(paths)
+        self.log = file_logger(paths, enabled=dp.is_main)
         self.state = RunState()
         self.generator = torch.Generator().manual_seed(cfg.seed)
         # Module initialization uses the global RNG: seed it so fresh runs are reproducible.
@@ -187,8 +191,9 @@ class Run:
             self.cg_lora_optimizer.load_state_dict(state["cg_lora_optimizer"])
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.paths.checkpoint, self.state_dict())
-        self.report("running")
+        if self.dp.is_main:
+            save_checkpoint(self.paths.checkpoint, self.state_dict())
+            self.report("running")
 
     def restore_last_good(self, reason: str) -> None:
         """Non-finite values that persist: go back to the last checkpoint and note it."""
@@ -205,6 +210,8 @@ class Run:
     def report(self, status: str) -> None:
         import diffusers
 
+        if not self.dp.is_main:
+            return
         s = self.state
         write_report(
             self.paths,
@@ -263,8 +270,10 @@ class Run:
             self._recording = ama_on
         if ama_on:
             self.recorder.set_token_index(text.eot_indices if cfg.ama.token < 0 else [cfg.ama.token] * batch)
-        t = TimestepSchedule(*t_range).sample(batch, self.generator, self.guidance.num_train_timesteps)
-        noise = torch.randn(model_input.shape, generator=self.generator).to(self.device)
+        world = self.dp.world
+        t = self.dp.own(TimestepSchedule(*t_range).sample(batch * world, self.generator, self.guidance.num_train_timesteps), batch)
+        noise = self.dp.own(torch.randn((batch * world, *model_input.shape[1:]), generator=self.generator), batch)
+        noise = noise.to(self.device)
         sds = score_distillation(
             self.guidance,
             model_input,
@@ -295,9 +304,10 @@ class Run:
         skipped = bool(losses["skipped"]) or not torch.isfinite(total)
         if not skipped:
             total.backward()
-            grads = [p.grad for p in params if p.grad is not None]
-            skipped = any(not torch.isfinite(g).all() for g in grads)
-        if skipped:
+            trained = params + (list(self.cg_lora.parameters()) if self.cg_lora is not None else [])
+            self.dp.average_gradients(trained)
+            skipped = any(not torch.isfinite(p.grad).all() for p in trained if p.grad is not None)
+        if self.dp.any(skipped):
             self.state.nan_skips += 1
             self.state.consecutive_skips += 1
             self.log.info("step %d: non-finite loss or gradient, skipped", self.state.step)
@@ -345,10 +355,15 @@ class Run:
         self.state.timings["init"] = time.perf_counter() - start
         self.validate_geometry("init")
 
+    def sample_views(self) -> Cameras:
+        """This step's cameras: the world batch is azimuth-stratified, each rank keeps its sector."""
+        cameras = sample_cameras(self.cfg.views * self.dp.world, self.generator, camera_sampling(self.cfg))
+        return self.dp.own(cameras, self.cfg.views)
+
     def geometry_step(self) -> dict[str, float]:
         cfg, g = self.cfg, self.cfg.geometry
         step = self.state.step
-        cameras = sample_cameras(cfg.views, self.generator, camera_sampling(cfg))
+        cameras = self.sample_views()
         mesh = self.geometry()
         out = render_geometry(mesh, cameras.to(self.device), g.render_resolution)
         normal, mask = out["normal"], out["mask"]
@@ -361,7 +376,7 @@ class Run:
             t_range, weighting = g.t_range, g.weighting
         ama_on = self.recorder is not None and step >= cfg.ama.start_geometry
         losses = self._guide(model_input, cameras, mask, tuple(t_range), weighting, g.guidance_scale, ama_on)
-        if ama_on and cfg.ama.visualize_every and step % cfg.ama.visualize_every == 0:
+        if ama_on and self.dp.is_main and cfg.ama.visualize_every and step % cfg.ama.visualize_every == 0:
             save_attention_visualization(
                 self.paths.attention / f"geometry_{step:05d}.png", (normal * 0.5 + 0.5) * mask, mask, self.last_maps
             )
@@ -399,7 +414,7 @@ class Run:
     def appearance_step(self) -> dict[str, float]:
         cfg, a = self.cfg, self.cfg.appearance
         step = self.state.step
-        cameras = sample_cameras(cfg.views, self.generator, camera_sampling(cfg))
+        cameras = self.sample_views()
         out = render_pbr(
             self.fixed_mesh(), cameras.to(self.device), a.render_resolution, self.material, self.environment(),
             background=tuple(a.background),
@@ -409,17 +424,21 @@ class Run:
         t_range = a.t_range_early if step < a.t_switch else a.t_range
         ama_on = self.recorder is not None and step >= cfg.ama.start_appearance
         losses = self._guide(model_input, cameras, mask, tuple(t_range), a.weighting, a.guidance_scale, ama_on)
-        if ama_on and cfg.ama.visualize_every and step % cfg.ama.visualize_every == 0:
+        if ama_on and self.dp.is_main and cfg.ama.visualize_every and step % cfg.ama.visualize_every == 0:
             save_attention_visualization(self.paths.attention / f"appearance_{step:05d}.png", rgb, mask, self.last_maps)
         self._apply(losses, [self.material_optimizer], list(self.material.parameters()))
         return self._record(losses)
 
     def validate_geometry(self, tag: str) -> None:
+        if not self.dp.is_main:
+            return
         with torch.no_grad():
             out = render_geometry(self.geometry(), orbit_cameras(4).to(self.device), 256)
         _write_png(self.paths.geometry / f"validation_{tag}.png", _grid_image((out["normal"] * 0.5 + 0.5) * out["mask"]))
 
     def validate_appearance(self, tag: str) -> None:
+        if not self.dp.is_main:
+            return
         with torch.no_grad():
             out = render_pbr(
                 self.fixed_mesh(), orbit_cameras(4).to(self.device), 256, self.material, self.environment(),
@@ -462,7 +481,10 @@ class Run:
         """Run `stage` from the current step; False when a signal stopped it (checkpoint written)."""
         cfg = self.cfg
         start = time.perf_counter() - self.state.timings.get(stage, 0.0)
-        bar = tqdm(total=iters, initial=self.state.step, desc=stage, unit="it", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=iters, initial=self.state.step, desc=stage, unit="it", dynamic_ncols=True, file=sys.stderr,
+            disable=not self.dp.is_main,
+        )
         try:
             while self.state.step < iters:
                 values = step_fn()
@@ -472,9 +494,10 @@ class Run:
                 self.state.timings[stage] = time.perf_counter() - start
                 if cfg.validate_every and self.state.step % cfg.validate_every == 0:
                     validate_fn(f"{self.state.step:05d}")
-                if self.state.step % cfg.checkpoint_every == 0 or stop.received:
+                stopping = self.dp.any(stop.received is not None)
+                if self.state.step % cfg.checkpoint_every == 0 or stopping:
                     self.checkpoint()
-                if stop.received:
+                if stopping:
                     return False
         finally:
             bar.close()
@@ -502,6 +525,8 @@ class Run:
             s.stage, s.step = "export", 0
             self.checkpoint()
         if s.stage == "export":
+            if not self.dp.is_main:
+                return 0
             written = self.export(list(cfg.export.formats), cfg.export.texture_size)
             s.stage = "done"
             self.checkpoint()
@@ -512,7 +537,8 @@ class Run:
 
     def _stopped(self, stop: StopSignal) -> int:
         self.report("stopped")
-        print(f"xdreamer: stopped at {self.state.stage} step {self.state.step}; continue with: xdreamer resume {self.paths.root}")
+        if self.dp.is_main:
+            print(f"xdreamer: stopped at {self.state.stage} step {self.state.step}; continue with: xdreamer resume {self.paths.root}")
         return stop.exit_code
 
 
@@ -534,16 +560,20 @@ def _check_init(cfg: DictConfig) -> None:
 
 def generate(cfg: DictConfig, out_dir: Path, overwrite: bool = False) -> int:
     """Validate everything a user can get wrong before writing anything, then run."""
-    device = resolve_device(cfg.device)
+    dp, device_name = init_data_parallel(cfg.device)
+    device = resolve_device(device_name)
     _check_init(cfg)
     check_output_dir(out_dir, overwrite)
     guidance = _load_guidance(cfg, device)
-    if out_dir.is_dir() and overwrite:
-        clear_dir(out_dir)
+    dp.barrier()  # every rank has checked the folder before rank 0 clears it
     paths = RunPaths(out_dir)
-    paths.make()
-    write_text(paths.config, to_yaml(cfg))
-    run = Run(cfg, paths, guidance, device)
+    if dp.is_main:
+        if out_dir.is_dir() and overwrite:
+            clear_dir(out_dir)
+        paths.make()
+        write_text(paths.config, to_yaml(cfg))
+    dp.barrier()
+    run = Run(cfg, paths, guidance, device, dp)
     with StopSignal() as stop:
         return run.run(stop)
 
@@ -576,9 +606,10 @@ def _open_existing(run_dir: Path) -> tuple[Run, dict | None]:
         cfg = load_config(config_file=paths.config)
     except ConfigError as exc:
         raise RunError(f"{run_dir} has an unusable config.yaml: {exc}") from None
-    device = resolve_device(cfg.device)
+    dp, device_name = init_data_parallel(cfg.device)
+    device = resolve_device(device_name)
     guidance = _load_guidance(cfg, device)
-    run = Run(cfg, paths, guidance, device)
+    run = Run(cfg, paths, guidance, device, dp)
     state = load_checkpoint(paths.checkpoint)
     if state is not None:
         run.load_state_dict(state)

@@ -124,12 +124,15 @@ def write_report(paths: RunPaths, report: dict) -> None:
     write_json(paths.report, report)
 
 
-def file_logger(paths: RunPaths) -> logging.Logger:
-    """A logger writing to the run's log file (append: resumed runs keep their history)."""
+def file_logger(paths: RunPaths, enabled: bool = True) -> logging.Logger:
+    """A logger writing to the run's log file (append: resumed runs keep their history); with
+    `enabled` false (data-parallel ranks other than 0) it writes nothing."""
     logger = logging.getLogger(f"xdreamer.run.{paths.root.resolve()}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    if not logger.handlers:
+    if not enabled:
+        logger.disabled = True
+    elif not logger.handlers:
         handler = logging.FileHandler(paths.log)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logger.addHandler(handler)

@@ -300,11 +300,13 @@ class EnvironmentLight:
         reflect_dir: (..., 3) unit; roughness: (..., 1) in [0, 1] -> (..., 3)."""
         dirs = reflect_dir.reshape(-1, 3)
         level = roughness.reshape(-1, 1).clamp(0, 1) * (len(self.specular_levels) - 1)
-        total = 0.0
+        total = dirs.new_zeros(dirs.shape[0], 3)
         for index, cube in enumerate(self.specular_levels):
             weight = (1 - (level - index).abs()).clamp_min(0)
-            if bool((weight > 0).any()):
-                total = total + weight * sample_cube(cube, dirs)
+            # Each point reads only the two levels bracketing its roughness.
+            active = (weight[:, 0] > 0).nonzero()[:, 0]
+            if active.numel():
+                total = total.index_add(0, active, weight[active] * sample_cube(cube, dirs[active]))
         return total.reshape(*reflect_dir.shape[:-1], 3)
 
     def split_sum_terms(self, n_dot_v: torch.Tensor, roughness: torch.Tensor) -> torch.Tensor:

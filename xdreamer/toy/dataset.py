@@ -115,13 +115,14 @@ def build_dataset(
     views_per_placement: int = 4,
     supersample: int = 4,
     progress: bool = False,
+    light: EnvironmentLight | None = None,
 ) -> ToyDataset:
     """Render `placements` random placements, cycling through the training pairs (held-out pairs
     never appear), each from `views_per_placement` azimuth-stratified cameras, in both modes:
-    2 * placements * views_per_placement images."""
+    2 * placements * views_per_placement images. `light` defaults to default_environment()."""
     from tqdm import tqdm
 
-    light = default_environment()
+    light = default_environment() if light is None else light
     pairs = training_pairs()
     meshes = {shape: primitive_mesh(shape) for shape in SHAPES}
     colour_names = list(COLOURS)

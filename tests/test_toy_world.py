@@ -1,0 +1,174 @@
+import math
+
+import pytest
+import torch
+
+from xdreamer.render.camera import orbit_cameras
+from xdreamer.render.light import default_environment
+from xdreamer.toy.dataset import ToyDataset, build_dataset, downsample, render_object
+from xdreamer.toy.world import (
+    COLOURS,
+    HELD_OUT,
+    SHAPES,
+    VIEWS,
+    Placement,
+    ToyWorldError,
+    caption,
+    caption_words,
+    ground_truth_sdf,
+    primitive_mesh,
+    sample_placement,
+    training_pairs,
+)
+
+CONVEX = ("sphere", "cube", "cylinder", "cone", "pyramid")
+
+
+@pytest.fixture(scope="module")
+def light():
+    return default_environment()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_primitive_is_closed_outward_and_unit_bounded(shape):
+    mesh = primitive_mesh(shape)
+    surface = mesh.to_trimesh()
+    assert surface.is_watertight and surface.is_winding_consistent
+    assert float(mesh.volume()) > 0.1  # positive: faces point outward
+    assert float(mesh.vertices.norm(dim=-1).max()) == pytest.approx(1.0, abs=1e-6)
+    centre = (mesh.vertices.min(0).values + mesh.vertices.max(0).values) / 2
+    assert centre.abs().max().item() < 1e-6
+    if shape in CONVEX:
+        # Every face of a convex solid around the origin faces away from it.
+        centroids = mesh.vertices[mesh.faces].mean(1)
+        assert ((mesh.face_normals() * centroids).sum(-1) > 0).all()
+
+
+def test_primitive_volumes_match_closed_forms():
+    # cube: half-diagonal 1 -> side 2/sqrt(3); pyramid: base half-width 1, height 1.6, scaled by
+    # 1/sqrt(2.64) (the base corners are farthest from the box centre).
+    assert float(primitive_mesh("cube").volume()) == pytest.approx((2 / math.sqrt(3)) ** 3, rel=1e-5)
+    assert float(primitive_mesh("pyramid").volume()) == pytest.approx(4 * 1.6 / 3 / 2.64**1.5, rel=1e-5)
+    # Polygonal approximations of round solids lose under 1%.
+    assert float(primitive_mesh("sphere").volume()) == pytest.approx(4 / 3 * math.pi, rel=0.01)
+    r = 1 / math.sqrt(2)  # cylinder of height 2r inscribed in the unit sphere
+    assert float(primitive_mesh("cylinder").volume()) == pytest.approx(math.pi * r * r * 2 * r, rel=0.01)
+
+
+@pytest.mark.parametrize("shape", ["cone", "pyramid"])
+def test_pointed_shapes_point_up(shape):
+    vertices = primitive_mesh(shape).vertices
+    apex = vertices[vertices[:, 1].argmax()]
+    assert apex[[0, 2]].abs().max().item() < 1e-6
+    top = vertices[vertices[:, 1] > apex[1] - 0.2]
+    bottom = vertices[vertices[:, 1] < vertices[:, 1].min() + 0.01]
+    assert top[:, [0, 2]].norm(dim=-1).max() < 0.3 * bottom[:, [0, 2]].norm(dim=-1).max()
+
+
+def test_ground_truth_sdf_signs_and_distances():
+    points = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    sphere = ground_truth_sdf("sphere", points[:2])
+    assert sphere[0].item() == pytest.approx(-1.0, abs=0.01)
+    assert sphere[1].item() == pytest.approx(1.0, abs=1e-6)
+    assert ground_truth_sdf("cube", points[:1]).item() == pytest.approx(-1 / math.sqrt(3), abs=1e-6)
+    # The torus hole is outside the solid: distance from the centre to the tube is major - minor.
+    torus = ground_truth_sdf("torus", points[:1]).item()
+    assert torus == pytest.approx((1.0 - 0.4) / 1.4, abs=0.01)
+
+
+def test_captions_and_articles():
+    assert caption("cube", "red") == "a red cube"
+    assert caption("torus", "orange") == "an orange torus"
+    assert caption("pyramid", "gray", "overhead") == "a gray pyramid, overhead view"
+    with pytest.raises(ToyWorldError):
+        caption("dodecahedron", "red")
+    with pytest.raises(ValueError):
+        caption("cube", "red", "left")
+
+
+def test_each_caption_word_is_one_token(tmp_path):
+    from xdreamer.guidance.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(tmp_path, caption_words())
+    text = caption("torus", "orange", "overhead")
+    tokens = tokenizer.tokenize(text)
+    assert tokens == ["an</w>", "orange</w>", "torus</w>", ",</w>", "overhead</w>", "view</w>"]
+
+
+def test_held_out_pairs_never_reach_training(light):
+    pairs = training_pairs()
+    assert len(pairs) == len(SHAPES) * len(COLOURS) - len(HELD_OUT) == 42
+    assert not set(pairs) & HELD_OUT
+    # Each held-out shape and colour still appears in training, only the combination is new.
+    assert {s for s, _ in HELD_OUT} <= {s for s, _ in pairs}
+    assert {c for _, c in HELD_OUT} <= {c for _, c in pairs}
+    dataset = build_dataset(len(pairs), 4, torch.Generator().manual_seed(0), views_per_placement=1, supersample=2, light=light)
+    assert len(dataset) == 2 * len(pairs)
+    seen = {(SHAPES[s], list(COLOURS)[c]) for s, c in zip(dataset.shape.tolist(), dataset.colour.tolist())}
+    assert seen == set(pairs)
+    captions = {dataset.caption(i, with_view=False) for i in range(len(dataset))}
+    assert not captions & {caption(s, c) for s, c in HELD_OUT}
+
+
+def test_dataset_round_trip_and_views(tmp_path, light):
+    dataset = build_dataset(2, 4, torch.Generator().manual_seed(1), views_per_placement=4, supersample=2, light=light)
+    assert dataset.images.dtype == torch.uint8 and dataset.images.shape == (16, 4, 4, 3)
+    assert dataset.normal_map.sum().item() == 8
+    assert set(dataset.view.tolist()) <= set(range(len(VIEWS)))
+    dataset.save(tmp_path / "d.pt")
+    loaded = ToyDataset.load(tmp_path / "d.pt")
+    assert torch.equal(loaded.images, dataset.images) and torch.equal(loaded.view, dataset.view)
+
+
+def test_placement_jitter_bounds():
+    generator = torch.Generator().manual_seed(0)
+    mesh = primitive_mesh("cone")
+    for _ in range(20):
+        placement = sample_placement(generator)
+        assert 0.6 <= placement.scale <= 0.85
+        assert max(abs(o) for o in placement.offset) <= 0.05
+        placed = placement.apply(mesh)
+        # A rotation about +y keeps heights and radial distances.
+        offset = torch.tensor(placement.offset)
+        local = (placed.vertices - offset) / placement.scale
+        assert torch.allclose(local[:, 1], mesh.vertices[:, 1], atol=1e-5)
+        assert torch.allclose(local[:, [0, 2]].norm(dim=-1), mesh.vertices[:, [0, 2]].norm(dim=-1), atol=1e-5)
+
+
+def test_shaded_renders_have_their_colour_on_black(light):
+    cameras = orbit_cameras(4, elevation=20.0)
+    mesh = Placement(0.8, 0.3, (0.0, 0.0, 0.0)).apply(primitive_mesh("cube"))
+    names = list(COLOURS)
+    palette = torch.tensor([COLOURS[n] for n in names])
+    for colour in names:
+        out = render_object(mesh, colour, cameras, 16, 0.6, light)
+        coverage = out["mask"][..., 0]
+        assert 0.2 < coverage.mean().item() < 0.4
+        assert out["shaded"][coverage == 0].abs().max().item() == 0.0
+        mean = out["shaded"][coverage > 0.99].mean(0)
+        assert (mean - palette[names.index(colour)]).abs().max().item() < 0.15
+        assert names[(palette - mean).norm(dim=-1).argmin()] == colour
+
+
+def test_normal_maps_encode_unit_world_normals(light):
+    cameras = orbit_cameras(2, elevation=0.0)
+    out = render_object(Placement(0.8, 0.0, (0.0, 0.0, 0.0)).apply(primitive_mesh("sphere")), "red", cameras, 16, 0.5, light)
+    coverage = out["mask"][..., 0]
+    assert out["normal"][coverage == 0].abs().max().item() == 0.0
+    normal = out["normal"][coverage > 0.999] * 2 - 1
+    assert normal.norm(dim=-1).min().item() > 0.95
+    # Seen from the front (+z) the visible hemisphere faces +z on average.
+    front = out["normal"][0][coverage[0] > 0.999] * 2 - 1
+    assert front.mean(0)[2].item() > 0.5
+
+
+def test_downsample_is_the_guidance_loaders_resize():
+    from xdreamer.guidance.loader import GuidanceModel
+
+    guidance = GuidanceModel(
+        unet=None, vae=None, text_encoder=None, tokenizer=None, alphas_cumprod=torch.ones(1000), channels=3,
+        sample_size=16, scaling_factor=1.0, device=torch.device("cpu"), dtype=torch.float32,
+    )
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    expected = guidance.encode_images(images)
+    assert torch.equal(downsample(images, 16).permute(0, 3, 1, 2) * 2 - 1, expected)

@@ -1,7 +1,6 @@
 """MaterialNetwork: output ranges and options, and fitting it through the PBR renderer to target
 images of a coloured mesh."""
 
-
 import pytest
 import torch
 import trimesh

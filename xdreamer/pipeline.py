@@ -37,6 +37,7 @@ from xdreamer.mesh import Mesh, load_mesh, save_mesh
 from xdreamer.render.camera import CameraSampling, Cameras, orbit_cameras, sample_cameras
 from xdreamer.render.light import EnvironmentLight, default_environment, load_environment
 from xdreamer.render.passes import render_geometry
+from xdreamer.render.raster import Rasterizer
 from xdreamer.render.shade import render_pbr, render_textured
 from xdreamer.rundir import (
     RunError,
@@ -147,6 +148,8 @@ class Run:
         self._recording = False
         install_attention_processors(guidance.unet, self.cg_lora, None)
         self.light: EnvironmentLight | None = None
+        # One rasterizer for the whole run: under CUDA it holds the nvdiffrast context.
+        self.rasterizer = Rasterizer("auto")
 
     # ----- checkpoints -------------------------------------------------------------------
 
@@ -365,7 +368,7 @@ class Run:
         step = self.state.step
         cameras = self.sample_views()
         mesh = self.geometry()
-        out = render_geometry(mesh, cameras.to(self.device), g.render_resolution)
+        out = render_geometry(mesh, cameras.to(self.device), g.render_resolution, backend=self.rasterizer)
         normal, mask = out["normal"], out["mask"]
         early = self.guidance.is_latent and step < g.latent_phase_iters
         if early:
@@ -417,7 +420,7 @@ class Run:
         cameras = self.sample_views()
         out = render_pbr(
             self.fixed_mesh(), cameras.to(self.device), a.render_resolution, self.material, self.environment(),
-            background=tuple(a.background),
+            background=tuple(a.background), backend=self.rasterizer,
         )
         rgb, mask = out["rgb"], out["mask"]
         model_input = self.guidance.encode_images(rgb)
@@ -433,7 +436,7 @@ class Run:
         if not self.dp.is_main:
             return
         with torch.no_grad():
-            out = render_geometry(self.geometry(), orbit_cameras(4).to(self.device), 256)
+            out = render_geometry(self.geometry(), orbit_cameras(4).to(self.device), 256, backend=self.rasterizer)
         _write_png(self.paths.geometry / f"validation_{tag}.png", _grid_image((out["normal"] * 0.5 + 0.5) * out["mask"]))
 
     def validate_appearance(self, tag: str) -> None:
@@ -442,7 +445,7 @@ class Run:
         with torch.no_grad():
             out = render_pbr(
                 self.fixed_mesh(), orbit_cameras(4).to(self.device), 256, self.material, self.environment(),
-                background=tuple(self.cfg.appearance.background),
+                background=tuple(self.cfg.appearance.background), backend=self.rasterizer,
             )
         _write_png(self.paths.appearance / f"validation_{tag}.png", _grid_image(out["rgb"]))
 
@@ -451,7 +454,7 @@ class Run:
         start = time.perf_counter()
         mesh = unwrap(self.fixed_mesh(), texture_size=texture_size)
         with torch.no_grad():
-            textures = bake_textures(mesh, self.material, size=texture_size)
+            textures = bake_textures(mesh, self.material, size=texture_size, backend=self.rasterizer)
         written = {}
         if "glb" in formats:
             write_glb(self.paths.export / "model.glb", mesh, textures)
@@ -467,7 +470,7 @@ class Run:
             for i in range(0, len(cameras), 8):
                 out = render_textured(
                     mesh, cameras[i : i + 8].to(self.device), e.turntable_resolution, textures, self.environment(),
-                    background=tuple(self.cfg.appearance.background),
+                    background=tuple(self.cfg.appearance.background), backend=self.rasterizer,
                 )
                 frames.extend((out["rgb"].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
         write_video(frames, self.paths.turntable, fps=e.fps)

@@ -80,10 +80,14 @@ class MeshSDF:
         import igl
 
         query = points.detach().cpu().double().numpy()
-        distance = igl.signed_distance(
+        smooth, _, closest, _ = igl.signed_distance(
             query, self.vertices, self.faces, sign_type=igl.SIGNED_DISTANCE_TYPE_WINDING_NUMBER
-        )[0]
-        return torch.from_numpy(np.asarray(distance)).to(device=points.device, dtype=points.dtype)
+        )
+        # libigl scales the distance by (1 - 2 w) for winding number w, which shrinks it on open
+        # meshes; keep only its sign and take the true distance to the closest point.
+        distance = np.linalg.norm(query - closest, axis=-1)
+        signed = np.where(np.asarray(smooth) < 0, -distance, distance)
+        return torch.from_numpy(signed).to(device=points.device, dtype=points.dtype)
 
     def sample_surface(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """(n, 3) float32 points uniform by area on the surface."""

@@ -11,7 +11,9 @@ from xdreamer.encoding import HASH_PRIMES, MLP, EncodingError, FrequencyEncoding
 
 def _small_encoding(**kwargs):
     # power-of-two resolutions 2, 4, 8, 16 keep lattice points exact in float32
-    settings = dict(n_levels=4, features_per_level=2, log2_table_size=8, base_resolution=2, finest_resolution=16)
+    settings = dict(
+        n_levels=4, features_per_level=2, log2_table_size=8, base_resolution=2, finest_resolution=16
+    )
     settings.update(kwargs)
     return HashEncoding(backend="torch", **settings)
 

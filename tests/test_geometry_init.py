@@ -120,7 +120,8 @@ def test_fit_to_ellipsoid_reaches_iou_095(encoding, settings):
     geometry = DMTetGeometry(grid_resolution=32, grid_scale=2.1, encoding=encoding, **settings)
     target = ellipsoid_sdf([0.56, 0.76, 0.56])
     fit = dict(FIT, points_per_kind=512) if encoding == "hash" else FIT
-    losses = fit_geometry_to_sdf(geometry, target, target.sample_surface, torch.Generator().manual_seed(0), **fit)
+    generator = torch.Generator().manual_seed(0)
+    losses = fit_geometry_to_sdf(geometry, target, target.sample_surface, generator, **fit)
     assert len(losses) == fit["steps"] and losses[-1] < 0.05 * losses[0]
     with torch.no_grad():
         iou = volumetric_iou(geometry.sdf_at, target, bounds=1.05, resolution=48)

@@ -91,7 +91,8 @@ def test_gradients_match_finite_differences():
     vertices, tets = tetrahedral_grid(3)
     vertices = vertices.double()
     generator = torch.Generator().manual_seed(1)
-    sdf = vertices.norm(dim=-1) - 0.3 + 0.05 * torch.randn(vertices.shape[0], generator=generator, dtype=torch.float64)
+    noise = torch.randn(vertices.shape[0], generator=generator, dtype=torch.float64)
+    sdf = vertices.norm(dim=-1) - 0.3 + 0.05 * noise
     # keep every value away from 0 so the finite-difference steps never change the topology
     sdf = torch.where(sdf.abs() < 0.02, sdf.sign() * 0.02, sdf)
     vertices = vertices + 0.02 * torch.randn(vertices.shape, generator=generator, dtype=torch.float64)

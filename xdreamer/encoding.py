@@ -76,8 +76,11 @@ class _HashGridFunction(torch.autograd.Function):
         for start in range(0, x.shape[0], _CHUNK_POINTS):
             xs = x[start : start + _CHUNK_POINTS]
             rows, weights, _ = _level_indices_and_weights(xs, resolutions, offsets, n_dense, table_size)
-            gathered = table[rows]  # (n, L, 8, F)
-            out[start : start + xs.shape[0]] = (gathered * weights.to(table.dtype)[..., None]).sum(dim=2)
+            # embedding_bag fuses gather, weighting and the sum over the 8 corners (~6x faster on
+            # CPU than materializing the (n, L, 8, F) corner features)
+            out[start : start + xs.shape[0]] = nn.functional.embedding_bag(
+                rows.reshape(-1, 8), table, per_sample_weights=weights.reshape(-1, 8).to(table.dtype), mode="sum"
+            ).reshape(xs.shape[0], n_levels, features)
         ctx.save_for_backward(x, table, resolutions, offsets)
         ctx.n_dense, ctx.table_size = n_dense, table_size
         return out.reshape(x.shape[0], n_levels * features)
@@ -105,7 +108,11 @@ class _HashGridFunction(torch.autograd.Function):
                 slope = torch.tensor([-1.0, 1.0], dtype=x.dtype, device=x.device).expand_as(factors[:, :, 0])
                 fx, fy, fz = factors[:, :, 0], factors[:, :, 1], factors[:, :, 2]
                 dw_dfrac = torch.stack(
-                    [_combine(slope, fy, fz, torch.mul), _combine(fx, slope, fz, torch.mul), _combine(fx, fy, slope, torch.mul)],
+                    [
+                        _combine(slope, fy, fz, torch.mul),
+                        _combine(fx, slope, fz, torch.mul),
+                        _combine(fx, fy, slope, torch.mul),
+                    ],
                     dim=-1,
                 )  # (n, L, 8, 3)
                 dfrac = (dout_dw[..., None] * dw_dfrac).sum(dim=2)  # (n, L, 3)
@@ -168,7 +175,7 @@ class HashEncoding(nn.Module):
         # resolutions grow, so the dense levels are a prefix
         self.n_dense_levels = sum((r + 1) ** 3 <= self.table_size for r in resolutions)
         if sum(sizes) >= 2**31:
-            raise EncodingError("hash encoding table too large: levels x 2^log2_table_size must stay below 2^31")
+            raise EncodingError("hash encoding table too large: levels x table size must stay below 2^31")
         offsets = [0]
         for size in sizes[:-1]:
             offsets.append(offsets[-1] + size)

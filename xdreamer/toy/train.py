@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from xdreamer.atomic import atomic_path, write_json
 from xdreamer.toy.dataset import ToyDataset, build_dataset
-from xdreamer.toy.world import COLOURS, HELD_OUT, SHAPES, caption, caption_words
+from xdreamer.toy.world import COLOURS, HELD_OUT, SHAPES, ToyWorldError, caption, caption_words
 
 RESOLUTION = 32
 TEXT_DIM = 64
@@ -36,7 +36,7 @@ VIEW_SUFFIX_PROBABILITY = 0.75  # otherwise the caption has no ", front view" su
 class ToyTrainingConfig:
     """What a training run depends on; the defaults reproduce the shipped model."""
 
-    steps: int = 2000
+    steps: int = 5000
     batch_size: int = 16
     seed: int = 0
     dataset_size: int = 672  # placements; each gives 4 views x (shaded, normal map) images
@@ -291,7 +291,7 @@ def train_toy_model(
     from xdreamer.guidance.tokenizer import build_clip_tokenizer
 
     if steps < 1 or batch_size < 1 or dataset_size < 1:
-        raise ValueError("steps, batch_size and dataset_size must be positive")
+        raise ToyWorldError("steps, batch_size and dataset_size must be positive")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     config = ToyTrainingConfig(steps=steps, batch_size=batch_size, seed=seed, dataset_size=dataset_size)

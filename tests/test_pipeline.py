@@ -181,3 +181,36 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     assert report["model"] == str(model)
     # Only rank 0 writes: one summary line, one log.
     assert result.stdout.count("xdreamer: done") == 1
+
+
+def test_persistent_nan_restores_the_last_checkpoint(tmp_path, monkeypatch):
+    import dataclasses
+
+    from tiny_models import make_tiny_pixel_model
+
+    from xdreamer import pipeline
+    from xdreamer.config import load_config
+
+    model = make_tiny_pixel_model(tmp_path / "tiny_pixel")
+    real = pipeline.score_distillation
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if 4 <= calls["n"] <= 8:  # five non-finite steps in a row from the 4th geometry step on
+            return dataclasses.replace(out, loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(pipeline, "score_distillation", poisoned)
+    overrides = [t for t in TINY if "=" in t] + ["max_nan_skips=2", "geometry.iters=8", "appearance.iters=2"]
+    cfg = load_config(preset="toy", prompt="a red cube", overrides=overrides, model=str(model), views=1, device="cpu")
+    assert pipeline.generate(cfg, tmp_path / "run") == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["status"] == "done"
+    assert report["skipped_nan_steps"] == 5
+    # Skips 1-3 exceed max_nan_skips=2: one restore; skips 4-5 after it stay within the limit.
+    assert [r["reason"] for r in report["restored_checkpoints"]] == ["non-finite losses persisted"]
+    assert report["restored_checkpoints"][0]["stage"] == "geometry"
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["geometry"].values())

@@ -67,6 +67,9 @@ class AppearanceConfig:
     weighting: str = "fantasia3d"
     guidance_scale: float = 100.0
     metallic: str = "learned"  # learned | zero (the authors' code)
+    # The occlusion output darkens shading uniformly, which SDS cannot tell from a darker kd;
+    # off by default so the baked albedo stays true (appearance.occlusion=true learns it).
+    occlusion: bool = False
     environment: str = ""  # .hdr/.exr path; empty: the project's procedural sky
     environment_scale: float = 2.0
     background: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])

@@ -52,7 +52,7 @@ from xdreamer.rundir import (
     write_report,
 )
 
-STAGES = ("init", "geometry", "appearance", "export", "done")
+MAX_RESTORES = 5  # going back to the last checkpoint more often than this ends the run
 
 
 class DeviceError(ValueError):
@@ -199,14 +199,22 @@ class Run:
             self.report("running")
 
     def restore_last_good(self, reason: str) -> None:
-        """Non-finite values that persist: go back to the last checkpoint and note it."""
-        state = load_checkpoint(self.paths.checkpoint)
+        """A run gone bad (persistent non-finite values, a collapsed mesh): go back to the last
+        checkpoint and note it. The random stream is not rewound, so the replayed steps differ."""
         record = {"stage": self.state.stage, "step": self.state.step, "reason": reason}
         restores = self.state.restores + [record]
-        nan_skips = self.state.nan_skips
+        if len(restores) > MAX_RESTORES:
+            self.report("failed")
+            raise RunError(
+                f"the run went bad {len(restores)} times (last: {reason} at {record['stage']} step {record['step']}); "
+                f"lower the stage's learning rate and continue with xdreamer resume {self.paths.root}"
+            )
+        state = load_checkpoint(self.paths.checkpoint)
         if state is None:
-            raise RuntimeError(f"non-finite values at step {self.state.step} and no checkpoint to restore")
+            raise RunError(f"{reason} at step {self.state.step} and no checkpoint to go back to")
+        generator_state, nan_skips = self.generator.get_state(), self.state.nan_skips
         self.load_state_dict(state)
+        self.generator.set_state(generator_state)
         self.state.restores, self.state.nan_skips, self.state.consecutive_skips = restores, nan_skips, 0
         self.log.info("restored last good checkpoint: %s", record)
 
@@ -368,6 +376,9 @@ class Run:
         step = self.state.step
         cameras = self.sample_views()
         mesh = self.geometry()
+        if mesh.faces.shape[0] == 0:
+            self.restore_last_good("the mesh collapsed to nothing")
+            return {}
         out = render_geometry(mesh, cameras.to(self.device), g.render_resolution, backend=self.rasterizer)
         normal, mask = out["normal"], out["mask"]
         early = self.guidance.is_latent and step < g.latent_phase_iters
@@ -389,7 +400,8 @@ class Run:
     def _build_material(self) -> None:
         a = self.cfg.appearance
         self.material = MaterialNetwork.for_mesh(
-            self.fixed_mesh(), encoding=a.encoding, metallic=a.metallic, log2_table_size=a.hash_log2_table_size
+            self.fixed_mesh(), encoding=a.encoding, metallic=a.metallic, log2_table_size=a.hash_log2_table_size,
+            occlusion_range=(0.0, 1.0) if a.occlusion else (0.0, 0.0),
         )
         self.material_optimizer = torch.optim.AdamW(
             self.material.parameters(), lr=self.cfg.appearance.lr, betas=(0.9, 0.99), eps=1e-15
@@ -401,7 +413,10 @@ class Run:
             with torch.no_grad():
                 self._fixed_mesh = self.geometry().detach()
             if self._fixed_mesh.faces.shape[0] == 0:
-                raise RuntimeError("the geometry stage produced an empty mesh")
+                raise RunError(
+                    "the geometry stage ended with an empty mesh; lower geometry.lr or geometry.guidance_scale "
+                    "and generate again"
+                )
         return self._fixed_mesh
 
     def environment(self) -> EnvironmentLight:
@@ -490,7 +505,10 @@ class Run:
         )
         try:
             while self.state.step < iters:
+                restores = len(self.state.restores)
                 values = step_fn()
+                if len(self.state.restores) != restores:
+                    continue  # went back to the last checkpoint: its step is done again
                 self.state.step += 1
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)

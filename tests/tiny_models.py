@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from xdreamer.guidance.loader import PIXEL_MODEL_INDEX
 from xdreamer.guidance.tokenizer import build_clip_tokenizer
 
 TEXT_DIM = 32
@@ -120,12 +121,5 @@ def make_tiny_pixel_model(directory: str | Path, seed: int = 0, sample_size: int
     _text_encoder(tokenizer).save_pretrained(directory / "text_encoder")
     _unet(3, sample_size, "sd1").save_pretrained(directory / "unet")
     _scheduler().save_pretrained(directory / "scheduler")
-    index = {
-        "_class_name": "DiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }
-    (directory / "model_index.json").write_text(json.dumps(index, indent=2))
+    (directory / "model_index.json").write_text(json.dumps(PIXEL_MODEL_INDEX, indent=2))
     return directory

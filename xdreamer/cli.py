@@ -69,8 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """The run's own progress bars are the ones a user should see, not the weight loaders'."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+
+
 def _run(args) -> int:
     # Imports are deferred so `xdreamer --help` and argument errors stay instant.
+    if args.command in ("generate", "resume", "export", "toy"):
+        _quiet_libraries()
     if args.command == "generate":
         from xdreamer import pipeline
 

@@ -22,6 +22,17 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 FIX = "pass a local diffusers directory, download the model once with network access into the HF cache, or use --model toy"
 
 
+# model_index.json of a pixel-space model (no VAE) in diffusers' folder layout: how the toy model
+# and the tests' tiny pixel models are saved so that this loader reads them like SD.
+PIXEL_MODEL_INDEX = {
+    "_class_name": "DiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+}
+
+
 class GuidanceModelError(ValueError):
     """The guidance model could not be found or loaded (one-line message)."""
 

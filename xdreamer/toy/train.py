@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from xdreamer.atomic import atomic_path, write_json
+from xdreamer.guidance.loader import PIXEL_MODEL_INDEX
 from xdreamer.toy.dataset import ToyDataset, build_dataset
 from xdreamer.toy.world import COLOURS, HELD_OUT, SHAPES, ToyWorldError, caption, caption_words
 
@@ -179,14 +180,7 @@ def export_model(out_dir: Path, unet, text_encoder, tokenizer_dir: Path, schedul
     text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     shutil.copytree(tokenizer_dir, tmp / "tokenizer")
     scheduler.save_pretrained(tmp / "scheduler")
-    index = {
-        "_class_name": "DiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }
-    write_json(tmp / "model_index.json", index)
+    write_json(tmp / "model_index.json", PIXEL_MODEL_INDEX)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old")
         if old.exists():

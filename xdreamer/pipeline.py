@@ -129,6 +129,10 @@ class Run:
         self.material_optimizer: torch.optim.Optimizer | None = None
 
         self.text = TextConditioner(guidance, negative_prompt=cfg.negative_prompt)
+        # Every prompt the run can ask for (four directions and the negative) is embedded now, so
+        # the text encoder's memory goes back before the first step.
+        self.text.prepare(cfg.prompt)
+        guidance.release_text_encoder()
         self.cg_lora: CameraGuidedLoRA | None = None
         self.cg_lora_optimizer = None
         if cfg.cg_lora.enabled:
@@ -272,9 +276,10 @@ class Run:
         text = self.text(cfg.prompt, labels)
         if self.cg_lora is not None:
             camera_features = cameras.features().to(self.device)
+            # CG-LoRA's adapters are float32 even when the UNet runs in half precision.
             self.cg_lora.set_condition(
-                torch.cat([text.uncond_features, text.cond_features]),
-                torch.cat([camera_features, camera_features]),
+                torch.cat([text.uncond_features, text.cond_features]).float(),
+                torch.cat([camera_features, camera_features]).float(),
             )
         if ama_on != self._recording:
             install_attention_processors(self.guidance.unet, self.cg_lora, self.recorder if ama_on else None)

@@ -122,3 +122,22 @@ def test_console_script_prints_no_traceback(tmp_path):
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_environment_map_missing(capsys, tmp_path, out):
+    code, err = run_cli(capsys, "generate", "a cube", "--model", "toy", "--out", str(out),
+                        "--environment", str(tmp_path / "sky.hdr"))
+    assert_user_error(code, err, "environment map not found")
+    assert not out.exists()
+
+
+def test_render_bad_resolution_and_views(capsys, tmp_path):
+    import trimesh
+
+    mesh = tmp_path / "box.obj"
+    trimesh.creation.box().export(mesh)
+    code, err = run_cli(capsys, "render", str(mesh), "--out", str(tmp_path / "v"), "--resolution", "0")
+    assert_user_error(code, err, "resolution")
+    code, err = run_cli(capsys, "render", str(mesh), "--out", str(tmp_path / "v"), "--views", "-3")
+    assert_user_error(code, err, "views")
+    assert not (tmp_path / "v").exists()

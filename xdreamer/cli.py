@@ -25,6 +25,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--preset", default="paper", help="paper | fast | toy")
     p.add_argument("--config", default=None, help="a config.yaml (e.g. from an earlier run)")
     p.add_argument("--init", default=None, help="ellipsoid | a mesh file to start from")
+    p.add_argument("--environment", default=None, help="an .hdr/.exr environment map (default: procedural sky)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
     p.add_argument("--views", type=int, default=None, help="cameras per step")

@@ -35,7 +35,7 @@ from xdreamer.guidance.prompts import TextConditioner
 from xdreamer.guidance.sds import TimestepSchedule, normal_mask_latents, score_distillation
 from xdreamer.mesh import Mesh, load_mesh, save_mesh
 from xdreamer.render.camera import CameraSampling, Cameras, orbit_cameras, sample_cameras
-from xdreamer.render.light import EnvironmentLight, default_environment, load_environment
+from xdreamer.render.light import EnvironmentLight, default_environment, load_environment, read_hdr_image
 from xdreamer.render.passes import render_geometry
 from xdreamer.render.raster import Rasterizer
 from xdreamer.render.shade import render_pbr, render_textured
@@ -200,6 +200,9 @@ class Run:
     def checkpoint(self) -> None:
         if self.dp.is_main:
             save_checkpoint(self.paths.checkpoint, self.state_dict())
+            if self.cg_lora is not None:
+                # The adapters on their own, for use outside xdreamer; resume reads last.pt.
+                self.cg_lora.save(self.paths.checkpoints / "cg_lora.safetensors")
             self.report("running")
 
     def restore_last_good(self, reason: str) -> None:
@@ -576,7 +579,11 @@ def _load_guidance(cfg: DictConfig, device: torch.device) -> GuidanceModel:
     return load_guidance_model(cfg.model, device, dtype=dtype)
 
 
-def _check_init(cfg: DictConfig) -> None:
+def _check_inputs(cfg: DictConfig) -> None:
+    """Input files are read now, not when their stage comes hours later."""
+    if cfg.appearance.environment:
+        read_hdr_image(cfg.appearance.environment)  # raises EnvironmentMapError (one line)
+        cfg.appearance.environment = str(Path(cfg.appearance.environment).resolve())
     if cfg.init.shape != "ellipsoid":
         mesh = load_mesh(cfg.init.shape)  # raises MeshError (one line) when missing/unreadable/empty
         if float(mesh.vertices.norm(dim=-1).max()) == 0.0:
@@ -588,7 +595,7 @@ def generate(cfg: DictConfig, out_dir: Path, overwrite: bool = False) -> int:
     """Validate everything a user can get wrong before writing anything, then run."""
     dp, device_name = init_data_parallel(cfg.device)
     device = resolve_device(device_name)
-    _check_init(cfg)
+    _check_inputs(cfg)
     check_output_dir(out_dir, overwrite)
     guidance = _load_guidance(cfg, device)
     dp.barrier()  # every rank has checked the folder before rank 0 clears it
@@ -616,6 +623,7 @@ def generate_from_cli(args) -> int:
         device=args.device,
         views=args.views,
         init=None if init is None else {"shape": init},
+        appearance=None if args.environment is None else {"environment": args.environment},
     )
     out = Path(args.out) if args.out else Path("runs") / _slug(cfg.prompt)
     return generate(cfg, out, overwrite=args.overwrite)

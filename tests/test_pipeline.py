@@ -76,6 +76,22 @@ def test_generate_toy_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "model.glb" in result.stdout and "turntable.mp4" in result.stdout
     check_run_dir(run)
+    assert (run / "checkpoints" / "cg_lora.safetensors").is_file()
+
+    # The run's asset through the other commands: re-export smaller, render its views.
+    before = (run / "export" / "model.glb").read_bytes()
+    result = cli("export", str(run), "--format", "glb", "--texture-size", "32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    scene = trimesh.load(run / "export" / "model.glb")
+    texture = list(scene.geometry.values())[0].visual.material.baseColorTexture
+    assert np.asarray(texture).shape[:2] == (32, 32) and (run / "export" / "model.glb").read_bytes() != before
+    views = tmp_path / "views"
+    result = cli("render", str(run), "--out", str(views), "--views", "2", "--resolution", "32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    transforms = json.loads((views / "transforms.json").read_text())
+    assert transforms["w"] == 32 and len(transforms["frames"]) == 2
+    mask = iio.imread(views / "mask_0000.png")
+    assert mask.shape[:2] == (32, 32) and mask.max() > 0
 
 
 def test_kill_and_resume_gives_the_same_asset(tmp_path):

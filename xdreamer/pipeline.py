@@ -691,7 +691,6 @@ def render_command(args) -> int:
     return 0
 
 
-
 def toy_benchmark(args) -> int:
     """`xdreamer toy eval`: generate every prompt under every ablation and score it."""
     from xdreamer.toy import eval as toy_eval

@@ -228,5 +228,10 @@ def test_persistent_nan_restores_the_last_checkpoint(tmp_path, monkeypatch):
     # Skips 1-3 exceed max_nan_skips=2: one restore; skips 4-5 after it stay within the limit.
     assert [r["reason"] for r in report["restored_checkpoints"]] == ["non-finite losses persisted"]
     assert report["restored_checkpoints"][0]["stage"] == "geometry"
+    # The replay runs at half the geometry learning rate, and the checkpoint keeps it.
+    assert report["restored_checkpoints"][0]["lr"] == cfg.geometry.lr / 2
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert [g["lr"] for g in state["geometry_optimizer"]["param_groups"]] == [cfg.geometry.lr / 2] * len(
+        state["geometry_optimizer"]["param_groups"]
+    )
     assert all(torch.isfinite(v).all() for v in state["geometry"].values())

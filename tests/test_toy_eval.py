@@ -10,7 +10,8 @@ from xdreamer.export.bake import bake_textures, unwrap
 from xdreamer.export.gltf import write_glb
 from xdreamer.mesh import save_mesh
 from xdreamer.render.shade import srgb_to_linear
-from xdreamer.toy.eval import markdown_table, nearest_colour, parse_prompt, score_run, summarize
+from xdreamer.atomic import write_json
+from xdreamer.toy.eval import markdown_table, nearest_colour, parse_prompt, run_benchmark, score_run, summarize
 from xdreamer.toy.world import COLOURS, Placement, ToyWorldError, primitive_mesh
 
 
@@ -60,3 +61,33 @@ def test_colour_and_prompt_parsing():
     assert parse_prompt("An orange torus, front view") == ("torus", "orange")
     with pytest.raises(ToyWorldError):
         parse_prompt("a red thing")
+
+
+def test_benchmark_scores_a_failed_run_as_a_miss_and_goes_on(tmp_path):
+    """One prompt's run goes bad (status "failed"): it counts as wrong shape, wrong colour, IoU 0,
+    and the next prompt is still generated and scored; rerunning regenerates only the failure."""
+    calls = []
+
+    def generate(prompt, run_dir, overrides):
+        calls.append(prompt)
+        if prompt == "a red cube":
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "report.json", {"status": "failed"})
+            return 1
+        fake = fake_run(tmp_path, "torus", "purple")
+        fake.rename(run_dir)
+        write_json(run_dir / "report.json", {"status": "done"})
+        return 0
+
+    scores = run_benchmark(["a red cube", "a purple torus"], tmp_path / "bench", ["full"], generate)
+    assert calls == ["a red cube", "a purple torus"]
+    failed, good = scores
+    assert (failed.shape_correct, failed.colour_correct, failed.iou, failed.chamfer) == (False, False, 0.0, None)
+    assert good.shape_correct and good.colour_correct and good.iou >= 0.85
+    rows = summarize(scores)
+    assert [(r["split"], r["shape_accuracy"]) for r in rows] == [("held-in", 0.0), ("held-out", 1.0)]
+    assert "(failed)" in (tmp_path / "bench" / "eval.md").read_text()
+
+    calls.clear()
+    run_benchmark(["a red cube", "a purple torus"], tmp_path / "bench", ["full"], generate)
+    assert calls == ["a red cube"]  # the failed run is tried again; the finished one is only rescored

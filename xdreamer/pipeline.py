@@ -207,8 +207,12 @@ class Run:
 
     def restore_last_good(self, reason: str) -> None:
         """A run gone bad (persistent non-finite values, a collapsed mesh): go back to the last
-        checkpoint and note it. The random stream is not rewound, so the replayed steps differ."""
-        record = {"stage": self.state.stage, "step": self.state.step, "reason": reason}
+        checkpoint, halve the stage's learning rate for each restore in this stage (so the replay
+        does not walk into the same failure) and note it. The random stream is not rewound."""
+        stage = self.state.stage
+        in_stage = 1 + sum(r["stage"] == stage for r in self.state.restores)
+        base_lr = self.cfg.appearance.lr if stage == "appearance" else self.cfg.geometry.lr
+        record = {"stage": stage, "step": self.state.step, "reason": reason, "lr": base_lr * 0.5**in_stage}
         restores = self.state.restores + [record]
         if len(restores) > MAX_RESTORES:
             self.report("failed")
@@ -223,6 +227,10 @@ class Run:
         self.load_state_dict(state)
         self.generator.set_state(generator_state)
         self.state.restores, self.state.nan_skips, self.state.consecutive_skips = restores, nan_skips, 0
+        optimizer = self.material_optimizer if stage == "appearance" else self.geometry_optimizer
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = record["lr"]
         self.log.info("restored last good checkpoint: %s", record)
 
     def report(self, status: str) -> None:
@@ -702,7 +710,13 @@ def toy_benchmark(args) -> int:
 
     def generate_one(prompt: str, run_dir: Path, overrides: list[str]) -> int:
         cfg = load_config(preset="toy", prompt=prompt, overrides=user_overrides + overrides)
-        return generate(cfg, run_dir, overwrite=True)
+        try:
+            return generate(cfg, run_dir, overwrite=True)
+        except RunError as exc:
+            if toy_eval.run_status(run_dir) != "failed":
+                raise
+            print(f"xdreamer: {prompt!r} failed and counts as a miss: {exc}", file=sys.stderr)
+            return 1
 
     out = Path(args.out)
     scores = toy_eval.run_benchmark(prompts, out, ablations, generate_one)

@@ -128,7 +128,7 @@ class Score:
     shape_correct: bool
     colour_correct: bool
     iou: float
-    chamfer: float
+    chamfer: float | None  # None for a failed run
     mean_albedo: list[float]
     seconds: float
 
@@ -164,6 +164,31 @@ def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float
         mean_albedo=[float(x) for x in albedo],
         seconds=seconds,
     )
+
+
+def failed_score(prompt: str, ablation: str, seconds: float) -> Score:
+    """The score of a run that ended with status "failed": wrong shape and colour, IoU 0."""
+    shape, colour = parse_prompt(prompt)
+    return Score(
+        prompt=prompt,
+        split="held-out" if (shape, colour) in HELD_OUT else "held-in",
+        ablation=ablation,
+        shape=shape,
+        colour=colour,
+        predicted_shape="(failed)",
+        predicted_colour="(failed)",
+        shape_correct=False,
+        colour_correct=False,
+        iou=0.0,
+        chamfer=None,
+        mean_albedo=[],
+        seconds=seconds,
+    )
+
+
+def run_status(run_dir: Path) -> str | None:
+    report = run_dir / "report.json"
+    return json.loads(report.read_text())["status"] if report.is_file() else None
 
 
 def summarize(scores: list[Score]) -> list[dict]:
@@ -206,8 +231,9 @@ def markdown_table(scores: list[Score]) -> str:
     for s in scores:
         shape = f"{s.shape} → {s.predicted_shape}" + ("" if s.shape_correct else " ✗")
         colour = f"{s.colour} → {s.predicted_colour}" + ("" if s.colour_correct else " ✗")
+        chamfer = "-" if s.chamfer is None else f"{s.chamfer:.3f}"
         lines.append(
-            f"| {s.ablation} | {s.prompt} | {s.split} | {shape} | {colour} | {s.iou:.3f} | {s.chamfer:.3f} | {s.seconds:.0f} |"
+            f"| {s.ablation} | {s.prompt} | {s.split} | {shape} | {colour} | {s.iou:.3f} | {chamfer} | {s.seconds:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -241,14 +267,18 @@ def run_benchmark(
         for prompt in prompts:
             run_dir = out_dir / ablation / re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")
             timing = run_dir / "benchmark_seconds.json"
-            if not (run_dir / "report.json").is_file() or json.loads((run_dir / "report.json").read_text())["status"] != "done":
+            if run_status(run_dir) != "done":
                 start = time.perf_counter()
                 code = generate(prompt, run_dir, ABLATIONS[ablation])
-                if code != 0:
+                if code != 0 and run_status(run_dir) != "failed":
                     raise RuntimeError(f"generate failed for {prompt!r} ({ablation}) with exit code {code}")
                 write_json(timing, {"seconds": time.perf_counter() - start})
             seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
-            scores.append(score_run(run_dir, prompt, ablation, seconds))
+            if run_status(run_dir) == "failed":
+                # A run that went bad counts as a miss on every measure; the benchmark goes on.
+                scores.append(failed_score(prompt, ablation, seconds))
+            else:
+                scores.append(score_run(run_dir, prompt, ablation, seconds))
             write_json(out_dir / "eval.json", {"summary": summarize(scores), "prompts": [asdict(s) for s in scores]})
             write_text(out_dir / "eval.md", markdown_table(scores))
     return scores

@@ -77,19 +77,20 @@ def _denoising_errors(toy, shape: str, colour: str, captions: list[str], views: 
 
 
 def test_trained_model_is_conditional(toy):
-    # Shipped model: 0.0035 (own) vs 0.0056 (wrong) and 0.0039 (empty caption).
+    # Shipped model: 0.0019 (own) vs 0.0059 (wrong) and 0.0028 (empty caption); the earlier
+    # 2000-step model (0.0035 vs 0.0056) would fail the 0.6 bound.
     own, wrong, empty = _denoising_errors(toy, "cube", "red", ["a red cube", "a blue torus", ""])
-    assert own < 0.8 * wrong
+    assert own < 0.6 * wrong
     assert own < empty
-    # 0.0041 vs 0.0063.
+    # 0.0024 vs 0.0059.
     own, wrong = _denoising_errors(toy, "torus", "yellow", ["a yellow torus", "a gray cone"])
-    assert own < 0.8 * wrong
+    assert own < 0.6 * wrong
 
 
 def test_trained_model_tells_shapes_apart_in_one_colour(toy):
-    # Shipped model: 0.0028 (own) vs 0.0054.
+    # Shipped model: 0.0013 (own) vs 0.0056.
     own, wrong = _denoising_errors(toy, "cone", "red", ["a red cone", "a red sphere"])
-    assert own < 0.8 * wrong
+    assert own < 0.6 * wrong
 
 
 def test_export_round_trips_through_the_guidance_loader(tmp_path):

@@ -37,7 +37,7 @@ VIEW_SUFFIX_PROBABILITY = 0.75  # otherwise the caption has no ", front view" su
 class ToyTrainingConfig:
     """What a training run depends on; the defaults reproduce the shipped model."""
 
-    steps: int = 2000
+    steps: int = 5000
     batch_size: int = 16
     seed: int = 0
     dataset_size: int = 672  # placements; each gives 4 views x (shaded, normal map) images

@@ -135,7 +135,7 @@ class Score:
 
 def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float = 0.0) -> Score:
     """Score one finished run directory against its prompt's ground truth."""
-    shape, colour = parse_prompt(prompt)
+    shape, _ = parse_prompt(prompt)
     mesh = load_mesh(run_dir / "geometry" / "mesh.ply")
     distances = shape_distances(mesh)
     predicted_shape = min(distances, key=lambda s: distances[s][0])
@@ -149,6 +149,19 @@ def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float
     iou = volumetric_iou(generated_sdf, prompted_sdf, bounds=1.05, resolution=40)
     albedo = mean_albedo(run_dir / "export" / "model.glb")
     predicted_colour, _ = nearest_colour(albedo)
+    return _score(
+        prompt, ablation, seconds, predicted_shape, predicted_colour, float(iou), distances[shape][0],
+        [float(x) for x in albedo],
+    )
+
+
+def failed_score(prompt: str, ablation: str, seconds: float) -> Score:
+    """The score of a run that ended with status "failed": wrong shape and colour, IoU 0."""
+    return _score(prompt, ablation, seconds, "(failed)", "(failed)", 0.0, None, [])
+
+
+def _score(prompt, ablation, seconds, predicted_shape, predicted_colour, iou, chamfer, albedo) -> Score:
+    shape, colour = parse_prompt(prompt)
     return Score(
         prompt=prompt,
         split="held-out" if (shape, colour) in HELD_OUT else "held-in",
@@ -159,29 +172,9 @@ def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float
         predicted_colour=predicted_colour,
         shape_correct=predicted_shape == shape,
         colour_correct=predicted_colour == colour,
-        iou=float(iou),
-        chamfer=distances[shape][0],
-        mean_albedo=[float(x) for x in albedo],
-        seconds=seconds,
-    )
-
-
-def failed_score(prompt: str, ablation: str, seconds: float) -> Score:
-    """The score of a run that ended with status "failed": wrong shape and colour, IoU 0."""
-    shape, colour = parse_prompt(prompt)
-    return Score(
-        prompt=prompt,
-        split="held-out" if (shape, colour) in HELD_OUT else "held-in",
-        ablation=ablation,
-        shape=shape,
-        colour=colour,
-        predicted_shape="(failed)",
-        predicted_colour="(failed)",
-        shape_correct=False,
-        colour_correct=False,
-        iou=0.0,
-        chamfer=None,
-        mean_albedo=[],
+        iou=iou,
+        chamfer=chamfer,
+        mean_albedo=albedo,
         seconds=seconds,
     )
 

@@ -13,6 +13,8 @@ import time
 import torch
 import trimesh
 
+from timing import call_seconds
+
 from xdreamer.appearance.material import MaterialNetwork
 from xdreamer.export.bake import bake_textures, unwrap
 from xdreamer.mesh import Mesh
@@ -24,17 +26,8 @@ from xdreamer.render.shade import render_pbr
 
 def timed(fn, repeats: int, device: torch.device) -> float:
     """Median seconds of `repeats` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    times = sorted(call_seconds(fn, device, repeats))
+    return times[len(times) // 2]
 
 
 def main() -> None:

@@ -6,9 +6,10 @@ Prints a markdown table of the best time over the repeats."""
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+
+from timing import call_seconds
 
 from xdreamer.encoding import HashEncoding
 from xdreamer.geometry.dmtet import DMTetGeometry, marching_tetrahedra
@@ -16,17 +17,7 @@ from xdreamer.geometry.tets import tetrahedral_grid
 
 
 def _best_ms(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm up: caches, allocator, lazy kernels
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best * 1000
+    return min(call_seconds(fn, device, repeats)) * 1000
 
 
 def _marching_rows(device, repeats):

@@ -13,7 +13,7 @@ import time
 import torch
 import trimesh
 
-from timing import call_seconds
+from timing import call_seconds, print_table
 
 from xdreamer.appearance.material import MaterialNetwork
 from xdreamer.export.bake import bake_textures, unwrap
@@ -66,10 +66,10 @@ def main() -> None:
         rows.append(("bake_textures (hash material, gutters filled)", f"{size}²", timed(lambda: bake_textures(atlas, material, size, backend=rasterizer), 1, device)))
 
     print(f"device: {device}, rasterizer backend: {rasterizer.backend_for(device)}, torch threads: {torch.get_num_threads()}\n")
-    print("| operation | resolution | seconds |")
-    print("|---|---|---|")
-    for name, resolution, seconds in rows:
-        print(f"| {name} | {resolution} | {seconds:.3f} |")
+    print_table(
+        ["operation", "resolution", "seconds"], ["---", "---", "---"],
+        [[name, resolution, f"{seconds:.3f}"] for name, resolution, seconds in rows],
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from timing import call_seconds
+from timing import call_seconds, print_table
 
 from xdreamer.encoding import HashEncoding
 from xdreamer.geometry.dmtet import DMTetGeometry, marching_tetrahedra
@@ -97,10 +97,10 @@ def main() -> None:
         *_dmtet_rows(device, args.repeats),
     ]
     print(f"device: {device}, torch threads: {torch.get_num_threads()}\n")
-    print("| operation | forward ms | forward + backward ms |")
-    print("|---|---:|---:|")
-    for name, fwd, fwd_bwd in rows:
-        print(f"| {name} | {fwd:.1f} | {fwd_bwd:.1f} |")
+    print_table(
+        ["operation", "forward ms", "forward + backward ms"], ["---", "---:", "---:"],
+        [[name, f"{fwd:.1f}", f"{fwd_bwd:.1f}"] for name, fwd, fwd_bwd in rows],
+    )
 
 
 if __name__ == "__main__":

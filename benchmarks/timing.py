@@ -21,3 +21,11 @@ def call_seconds(fn, device: torch.device, repeats: int) -> list[float]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return times
+
+
+def print_table(header: list[str], align: list[str], rows: list[list[str]]) -> None:
+    """A markdown table: `align` holds each column's separator ("---" or "---:")."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(align) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")

@@ -3,8 +3,9 @@
 Like DeepFloyd IF (no VAE, 3-channel 32x32 images in [-1, 1]) but tiny: a UNet2DConditionModel
 with cross-attention blocks, conditioned on the last hidden state of a small CLIPTextModel
 trained jointly from scratch, epsilon prediction under a linear DDPM schedule (the pixel-space
-DDPM one), with min-SNR-5 loss weighting. The export is a diffusers folder (unet/, text_encoder/, tokenizer/, scheduler/,
-model_index.json, safetensors) that `load_guidance_model("toy")` reads.
+DDPM one), with min-SNR-5 loss weighting. The export is a diffusers folder (unet/,
+text_encoder/, tokenizer/, scheduler/, model_index.json, safetensors) that
+`load_guidance_model("toy")` reads.
 
 Layout of `out_dir`: work/ (dataset cache, checkpoint, tokenizer), model/ (the export),
 loss.png, losses.json, samples.png.
@@ -379,7 +380,6 @@ def train_toy_model(
 def model_size_bytes(model_dir: str | Path) -> int:
     """Total size of the files in an exported model folder."""
     return sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
-
 
 
 def main(out_dir: str | Path, steps: int | None = None, seed: int | None = None) -> Path:

@@ -1,16 +1,25 @@
 """Loading guidance models: tiny SD 1.x / 2.x and pixel-space pipelines saved with diffusers,
-one-line errors for missing models."""
+one-line errors for missing models, the files real hub models ship (fp16 variants, safetensors or
+.bin, SD's tokenizer layout, a PNDM scheduler config)."""
 
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
+import diffusers
 import huggingface_hub.constants
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
-from tiny_models import make_tiny_pixel_model, make_tiny_sd
+from tiny_models import SD21_SCHEDULER_CONFIG, make_tiny_pixel_model, make_tiny_sd, write_sd_tokenizer_layout
+from transformers import CLIPTextModel, CLIPTokenizer
 
 import xdreamer.toy
 from xdreamer.guidance import loader
@@ -137,3 +146,171 @@ def test_broken_component_raises_one_line(tmp_path):
     with pytest.raises(GuidanceModelError) as info:
         load_guidance_model(str(directory), "cpu")
     _assert_one_line(info.value, "could not load guidance model from local directory")
+
+
+def _shift_and_save(directory: Path, model_class, subfolder: str, shift: float, **save) -> torch.nn.Module:
+    """Reload a component, add `shift` to every weight and save it back with `save` options
+    (a variant, .bin): which files a load read shows in the values."""
+    model = model_class.from_pretrained(directory, subfolder=subfolder)
+    with torch.no_grad():
+        for value in model.parameters():
+            value += shift
+    dtype = torch.float16 if save.get("variant") == "fp16" else torch.float32
+    model.to(dtype).save_pretrained(directory / subfolder, **save)
+    return model
+
+
+class _Records(logging.Handler):
+    """The warnings and errors diffusers and transformers log (they do not propagate to root)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        for name in ("diffusers", "transformers"):
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in ("diffusers", "transformers"):
+            logging.getLogger(name).removeHandler(self)
+
+
+def test_weight_choice_prefers_fp16_in_half_and_safetensors_when_present():
+    both = {"unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors"}
+    assert loader.weight_choice(both, "unet", torch.float16) == {"variant": "fp16", "use_safetensors": True}
+    assert loader.weight_choice(both, "unet", torch.float32) == {"variant": None, "use_safetensors": True}
+    plain = {"vae/diffusion_pytorch_model.safetensors"}
+    assert loader.weight_choice(plain, "vae", torch.float16) == {"variant": None, "use_safetensors": True}
+    legacy = {"text_encoder/pytorch_model.bin", "text_encoder/model.fp16.safetensors"}
+    assert loader.weight_choice(legacy, "text_encoder", torch.float32) == {"variant": None, "use_safetensors": False}
+    assert loader.weight_choice(legacy, "text_encoder", torch.float16) == {"variant": "fp16", "use_safetensors": True}
+    sharded = {"unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+               "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors"}
+    # only fp16 files: they are read whatever the dtype
+    assert loader.weight_choice(sharded, "unet", torch.float32) == {"variant": "fp16", "use_safetensors": True}
+
+
+def test_half_precision_reads_the_fp16_variant_else_the_default_weights(tmp_path):
+    directory = make_tiny_sd(tmp_path / "sd", "sd2")
+    default_unet = UNet2DConditionModel.from_pretrained(directory, subfolder="unet")
+    default_vae = AutoencoderKL.from_pretrained(directory, subfolder="vae")
+    fp16_unet = _shift_and_save(directory, UNet2DConditionModel, "unet", 0.5, variant="fp16")
+    assert (directory / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    cpu = torch.device("cpu")
+    with _Records() as records:
+        half = loader._load(str(directory), True, cpu, torch.float16, cpu_offload=False)
+        full = loader._load(str(directory), True, cpu, torch.float32, cpu_offload=False)
+    assert records.messages == []  # no failed lookups logged on the way
+    assert half.unet.dtype == torch.float16 and full.unet.dtype == torch.float32
+    half_bias, fp16_bias = half.unet.conv_in.bias.float(), fp16_unet.conv_in.bias.half().float()
+    assert torch.equal(half_bias, fp16_bias)  # the fp16 files, whose weights are shifted by 0.5
+    assert torch.equal(full.unet.conv_in.bias, default_unet.conv_in.bias)
+    # the VAE has no fp16 files: half precision casts its default weights
+    assert torch.equal(half.vae.encoder.conv_in.weight, default_vae.encoder.conv_in.weight.half())
+
+
+def test_safetensors_are_read_when_present_else_bin(tmp_path):
+    directory = make_tiny_sd(tmp_path / "sd", "sd1")
+    safe = UNet2DConditionModel.from_pretrained(directory, subfolder="unet")
+    pickled = _shift_and_save(directory, UNet2DConditionModel, "unet", 0.25, safe_serialization=False)
+    assert (directory / "unet" / "diffusion_pytorch_model.bin").is_file()
+    text_state = CLIPTextModel.from_pretrained(directory, subfolder="text_encoder").state_dict()
+    (directory / "text_encoder" / "model.safetensors").unlink()
+    torch.save({k: v + 0.125 for k, v in text_state.items()}, directory / "text_encoder" / "pytorch_model.bin")
+
+    with _Records() as records:
+        model = load_guidance_model(str(directory), "cpu")
+    assert records.messages == []
+    assert torch.equal(model.unet.conv_in.bias, safe.conv_in.bias)  # both present: safetensors
+    for name, value in model.text_encoder.state_dict().items():
+        assert torch.equal(value, text_state[name] + 0.125), name  # only .bin: the .bin
+    (directory / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    model = load_guidance_model(str(directory), "cpu")
+    assert torch.equal(model.unet.conv_in.bias, pickled.conv_in.bias)
+
+
+def test_hub_id_reads_the_cached_fp16_variant_offline(tmp_path):
+    directory = make_tiny_sd(tmp_path / "sd", "sd2")
+    fp16_unet = _shift_and_save(directory, UNet2DConditionModel, "unet", 0.5, variant="fp16")
+    default_unet = UNet2DConditionModel.from_pretrained(directory, subfolder="unet")
+    # the HF cache's layout for a downloaded repository: refs/main names the snapshot
+    repo = tmp_path / "cache" / "models--tiny-org--tiny-sd"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(directory, repo / "snapshots" / ("0" * 40))
+    script = (
+        "import sys, torch\n"
+        "from xdreamer.guidance import loader\n"
+        "for dtype in (torch.float16, torch.float32):\n"
+        "    model = loader._load('tiny-org/tiny-sd', False, torch.device('cpu'), dtype, False)\n"
+        "    print(model.unet.dtype, model.unet.conv_in.bias[:4].float().tolist())\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    half_line, full_line = result.stdout.strip().splitlines()[-2:]
+    assert half_line == f"torch.float16 {fp16_unet.conv_in.bias[:4].half().float().tolist()}"
+    assert full_line == f"torch.float32 {default_unet.conv_in.bias[:4].tolist()}"
+
+
+PROMPTS = [
+    "a photo of a cat, front view",
+    "an astronaut riding a horse, back view",
+    "a zebra! on a hill",  # "!" is SD 2.x's pad token
+    "",
+    "a red chair " * 30,  # longer than 77 tokens: truncated
+]
+
+
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
+def test_sd_tokenizer_layout_without_tokenizer_json_tokenizes_like_the_full_layout(tmp_path, pad_token):
+    directory = make_tiny_sd(tmp_path / "sd", "sd2")
+    full = directory / "tokenizer"
+    reference = CLIPTokenizer(vocab=str(full / "vocab.json"), merges=str(full / "merges.txt"),
+                              pad_token=pad_token, model_max_length=77)
+    reference.save_pretrained(tmp_path / "full")
+    assert (tmp_path / "full" / "tokenizer.json").is_file()
+    reference = CLIPTokenizer.from_pretrained(tmp_path / "full")
+    write_sd_tokenizer_layout(full, pad_token=pad_token)
+    assert sorted(p.name for p in full.iterdir()) == [
+        "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"
+    ]
+    tokenizer = load_guidance_model(str(directory), "cpu").tokenizer
+    assert len(tokenizer) == len(reference)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+        reference.bos_token_id, reference.eos_token_id, reference.pad_token_id
+    )
+    assert tokenizer.pad_token_id == (0 if pad_token == "!" else tokenizer.eos_token_id)
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        assert ids == reference(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        assert len(ids) == 77 and ids[0] == tokenizer.bos_token_id
+        # the end-of-text index AMA and CG-LoRA read: the first end-of-text token
+        assert ids.index(tokenizer.eos_token_id) == min(len(tokenizer(prompt).input_ids), 77) - 1
+
+
+def test_ddpm_schedule_from_sd21s_pndm_config_without_warnings(tmp_path):
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21_SCHEDULER_CONFIG))
+    records = _Records()
+    records.setLevel(logging.DEBUG)
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_debug()
+    try:
+        with warnings.catch_warnings(record=True) as caught, records:
+            warnings.simplefilter("always")
+            schedule = loader.ddpm_schedule(str(tmp_path))
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+    assert caught == [] and records.messages == []
+    assert isinstance(schedule, DDPMScheduler) and schedule.config.prediction_type == "epsilon"
+    expected = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    assert torch.equal(schedule.alphas_cumprod, expected)
+    v_config = dict(SD21_SCHEDULER_CONFIG, prediction_type="v_prediction")  # SD 2.1 (768)
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(v_config))
+    assert loader.ddpm_schedule(str(tmp_path)).config.prediction_type == "v_prediction"

@@ -124,9 +124,9 @@ def test_dmtet_geometry_offsets_move_vertices_and_get_gradients():
     geometry = DMTetGeometry(grid_resolution=8, grid_scale=2.0, encoding="frequency")
     points = geometry.grid_vertices * 2.0
     offset = torch.full((points.shape[0], 3), 0.5)
-    # at most one cell: tanh(offset) / grid_resolution grid units, times the scale in world units
+    # the authors' bound: tanh(offset) / grid_resolution world units (half a cell at scale 2)
     moved = geometry.deformed_vertices(offset)
-    assert torch.allclose(moved - points, torch.full_like(points, math.tanh(0.5) / 8 * 2.0), atol=1e-6)
+    assert torch.allclose(moved - points, torch.full_like(points, math.tanh(0.5) / 8), atol=1e-6)
 
     with torch.no_grad():
         sdf, _ = geometry.sdf_and_offset()

@@ -1,11 +1,14 @@
 """Rasterizer: coverage, perspective-correct interpolation, w <= 0 safety, gradients, backends."""
 
 import math
+import sys
+import types
+import warnings
 
 import pytest
 import torch
 
-from xdreamer.render import _raster_torch
+from xdreamer.render import _raster_nvdiffrast, _raster_torch, raster
 from xdreamer.render.raster import RasterError, Rasterizer, antialias, edge_neighbors, interpolate, rasterize
 
 
@@ -200,6 +203,110 @@ def test_batches_chunks_and_errors():
         rasterize(pos[:, :3], faces, 8, backend="torch")
     with pytest.raises(RasterError, match="resolution"):
         rasterize(pos, faces, (0, 8), backend="torch")
+
+
+def _fake_nvdiffrast(monkeypatch, make_context) -> types.ModuleType:
+    """Install a fake `nvdiffrast.torch` whose RasterizeCudaContext is `make_context`, with the
+    rasterizer's per-process probes reset (and reset again after the test)."""
+    package, module = types.ModuleType("nvdiffrast"), types.ModuleType("nvdiffrast.torch")
+    module.RasterizeCudaContext = make_context
+    package.torch = module
+    monkeypatch.setitem(sys.modules, "nvdiffrast", package)
+    monkeypatch.setitem(sys.modules, "nvdiffrast.torch", module)
+    for cache in (_raster_nvdiffrast.context_for, raster._warn_once):
+        cache.cache_clear()
+    return module
+
+
+@pytest.fixture
+def clean_probes():
+    yield
+    _raster_nvdiffrast.context_for.cache_clear()
+    raster._warn_once.cache_clear()
+
+
+def test_auto_falls_back_to_torch_once_when_no_context_can_be_made(monkeypatch, clean_probes):
+    attempts = []
+
+    def failing_build(device):
+        attempts.append(device)
+        raise RuntimeError("Error building extension 'nvdiffrast_plugin': ninja: build stopped\nnvcc not found")
+
+    _fake_nvdiffrast(monkeypatch, failing_build)
+    cuda = torch.device("cuda", 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = Rasterizer("auto"), Rasterizer("auto")
+        assert [first.backend_for(cuda), second.backend_for(cuda), first.backend_for(cuda)] == ["torch"] * 3
+    assert attempts == [cuda]  # probed once per process and device, however many rasterizers
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert "nvdiffrast_plugin" in messages[0] and "torch rasterizer" in messages[0]
+    with pytest.raises(RasterError) as info:
+        Rasterizer("nvdiffrast").backend_for(cuda)
+    assert "\n" not in str(info.value) and "nvdiffrast_plugin" in str(info.value)
+    assert attempts == [cuda]
+
+    # what the auto rasterizer draws is the torch backend's, value for value
+    pos, faces = quad(-0.5, 0.6, -0.4, 0.3)
+    attr = torch.rand(4, 3, generator=torch.Generator().manual_seed(0))
+    images = []
+    for rasterizer in (first, Rasterizer("torch")):
+        rast = rasterizer.rasterize(pos, faces, (16, 20))
+        images.append(rasterizer.antialias(rasterizer.interpolate(attr, rast, faces), rast, pos, faces))
+    assert torch.equal(images[0], images[1]) and images[0].abs().sum() > 0
+
+
+def test_missing_nvdiffrast_falls_back_and_explicit_request_fails(monkeypatch, clean_probes):
+    monkeypatch.setitem(sys.modules, "nvdiffrast", None)  # import raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "nvdiffrast.torch", None)
+    _raster_nvdiffrast.context_for.cache_clear()
+    raster._warn_once.cache_clear()
+    cuda = torch.device("cuda", 0)
+    with pytest.warns(RuntimeWarning, match=r"not installed \(pip install 'xdreamer\[cuda\]'\)"):
+        assert Rasterizer("auto").backend_for(cuda) == "torch"
+    with pytest.raises(RasterError, match="cannot run on cuda:0: nvdiffrast is not installed"):
+        Rasterizer("nvdiffrast").backend_for(cuda)
+    with pytest.raises(RasterError, match="needs CUDA tensors"):
+        Rasterizer("nvdiffrast").backend_for("cpu")
+
+
+class _TorchAsNvdiffrast:
+    """nvdiffrast.torch's functions on the CPU, in nvdiffrast's layout (row 0 at NDC y = -1)."""
+
+    made = []
+
+    def RasterizeCudaContext(device):  # noqa: N802 - nvdiffrast's name
+        _TorchAsNvdiffrast.made.append(device)
+        return "context"
+
+    def rasterize(context, pos, tri, resolution):
+        assert context == "context" and tri.dtype == torch.int32
+        return _raster_torch.rasterize(pos, tri.long(), tuple(resolution)).flip(1), None
+
+    def interpolate(attr, rast, tri):
+        return _raster_torch.interpolate(attr, rast, tri.long()), None
+
+    def antialias(color, rast, pos, tri):
+        return _raster_torch.antialias(color.flip(1), rast.flip(1), pos, tri.long(), None).flip(1)
+
+
+def test_nvdiffrast_adapter_flips_rows_exactly_once_each_way(monkeypatch, clean_probes):
+    module = _fake_nvdiffrast(monkeypatch, _TorchAsNvdiffrast.RasterizeCudaContext)
+    for name in ("rasterize", "interpolate", "antialias"):
+        setattr(module, name, getattr(_TorchAsNvdiffrast, name))
+    _TorchAsNvdiffrast.made = []
+    context = _raster_nvdiffrast.context_for(torch.device("cpu"))  # the CPU stands in for a GPU
+    assert _raster_nvdiffrast.context_for(torch.device("cpu")) is context
+    assert _TorchAsNvdiffrast.made == [torch.device("cpu")]
+    pos, faces = quad(-0.7, 0.2, -0.1, 0.8)  # off-centre vertically: a missing flip shows
+    pos = pos[None]
+    attr = torch.rand(1, 4, 2, generator=torch.Generator().manual_seed(1))
+    rast = context.rasterize(pos, faces, (12, 10))
+    assert torch.equal(rast, _raster_torch.rasterize(pos, faces, (12, 10)))
+    color = context.interpolate(attr, rast, faces)
+    assert torch.equal(color, _raster_torch.interpolate(attr, rast, faces))
+    assert torch.equal(context.antialias(color, rast, pos, faces), _raster_torch.antialias(color, rast, pos, faces, None))
 
 
 def _nvdiffrast_missing() -> str:

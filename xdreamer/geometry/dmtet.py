@@ -106,9 +106,17 @@ def marching_tetrahedra(
 class DMTetGeometry(nn.Module):
     """The geometry of the geometry stage: tet grid + network (encoding, MLP) -> SDF + offset -> Mesh.
 
-    The grid spans [-grid_scale / 2, grid_scale / 2]^3 in world units. Each vertex moves by
-    tanh(offset) / grid_resolution grid units (tanh(offset) * grid_scale / grid_resolution in
-    world units), at most one cell. encoding: "hash" (Instant NGP, the paper's) or "frequency"."""
+    The grid spans [-grid_scale / 2, grid_scale / 2]^3 in world units, in cells of
+    grid_scale / grid_resolution. Each vertex moves by tanh(offset) * max_offset along each axis.
+    max_offset defaults to the authors' bound, 1 / grid_resolution world units (X-Dreamer's
+    geometry/dmtet_x_dreamer.py, after nvdiffrec and Fantasia3D: `verts * scale + 1 / grid_res *
+    tanh(deform)`), which is 1 / grid_scale cells: 0.48 of a cell at the default scale 2.1.
+
+    That bound does not rule out inverted tetrahedra, whose triangles may face inward: on this
+    Kuhn grid a tetrahedron can invert as soon as vertices may move more than 1/6 of a cell per
+    axis, and at the authors' bound about 13% invert when every vertex sits at a random corner of
+    its box. max_offset = grid_scale / (6 * grid_resolution) or less rules inversion out.
+    encoding: "hash" (Instant NGP, the paper's) or "frequency"."""
 
     def __init__(
         self,
@@ -118,10 +126,13 @@ class DMTetGeometry(nn.Module):
         hash_log2_table_size: int = 19,
         hash_backend: str = "auto",
         frequency_count: int = 6,
+        max_offset: float | None = None,
     ) -> None:
         super().__init__()
         if not grid_scale > 0:
             raise GeometryError(f"grid_scale must be positive, got {grid_scale}")
+        if max_offset is not None and not max_offset > 0:
+            raise GeometryError(f"max_offset must be positive (world units), got {max_offset}")
         if encoding == "hash":
             self.encoding = HashEncoding(log2_table_size=hash_log2_table_size, backend=hash_backend)
         elif encoding == "frequency":
@@ -130,6 +141,7 @@ class DMTetGeometry(nn.Module):
             raise GeometryError(f"geometry encoding must be 'hash' or 'frequency', got {encoding!r}")
         self.grid_resolution = grid_resolution
         self.grid_scale = float(grid_scale)
+        self.max_offset = 1.0 / grid_resolution if max_offset is None else float(max_offset)
         self.mlp = MLP(self.encoding.output_dim, 4, hidden=32, n_hidden_layers=2)
         # Offsets start at exactly zero (the undeformed grid), as in DMTet; they still learn
         # because the weights feeding them get gradients from the hidden features.
@@ -151,8 +163,9 @@ class DMTetGeometry(nn.Module):
         return out[:, 0], out[:, 1:]
 
     def deformed_vertices(self, offset: torch.Tensor) -> torch.Tensor:
-        """(N, 3) world positions of the grid vertices moved by tanh(offset) / grid_resolution."""
-        return (self.grid_vertices + torch.tanh(offset) / self.grid_resolution) * self.grid_scale
+        """offset: (N, 3) raw -> (N, 3) world positions of the grid vertices moved by
+        tanh(offset) * max_offset (at most max_offset world units along each axis)."""
+        return self.grid_vertices * self.grid_scale + torch.tanh(offset) * self.max_offset
 
     def sdf_at(self, points: torch.Tensor) -> torch.Tensor:
         """The network's SDF at world points (M, 3) -> (M,); points outside the grid are clamped."""

@@ -4,11 +4,18 @@
 directory, or "toy" (the small pixel-space model shipped in `xdreamer/toy/model/`), and returns a
 `GuidanceModel`: the UNet, the VAE (None for pixel-space models), the CLIP text encoder and
 tokenizer, and the noise schedule ᾱ_t. Everything is frozen and in eval mode.
+
+Weights are read as users' models ship them: in half precision the "fp16" variant files first
+(`unet/diffusion_pytorch_model.fp16.safetensors`, half the download) and the default files when a
+repository has none; safetensors wherever present, .bin otherwise. The tokenizer folder may be
+SD's own layout (vocab.json + merges.txt + configs, no tokenizer.json), and the noise schedule is
+read from whichever scheduler config the model ships (SD 2.1-base: a PNDMScheduler's).
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import inspect
 import json
 import re
 import warnings
@@ -153,25 +160,77 @@ def _freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
+FP16_FILE = re.compile(r"\.fp16[.-]")  # model.fp16.safetensors, ...fp16-00001-of-00002..., ...index.fp16.json
+
+
+def _repo_files(source: str, local: bool) -> set[str]:
+    """Every file of the model as a path relative to its root ("unet/config.json"): the local
+    folder, the hub repository's listing, or offline the cached snapshot (what can be loaded)."""
+    if local:
+        root = Path(source)
+    else:
+        from huggingface_hub import constants, list_repo_files, snapshot_download
+
+        if not constants.HF_HUB_OFFLINE:
+            return set(list_repo_files(source))
+        root = Path(snapshot_download(source, local_files_only=True))
+    return {path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()}
+
+
+def weight_choice(files: set[str], subfolder: str, dtype: torch.dtype) -> dict:
+    """`from_pretrained`'s variant and use_safetensors for one component, from the model's files.
+
+    The "fp16" variant when loading in float16 and the folder has it (or when it has nothing
+    else); safetensors when the chosen weights exist as safetensors, .bin otherwise. Choosing
+    from the listing spares the libraries' failed lookups, each a logged error."""
+    names = [f[len(subfolder) + 1 :] for f in files if f.startswith(subfolder + "/")]
+    weights = [n for n in names if n.endswith((".safetensors", ".bin")) or (".index." in n and n.endswith(".json"))]
+    fp16 = [n for n in weights if FP16_FILE.search(n)]
+    default = [n for n in weights if not FP16_FILE.search(n)]
+    variant = "fp16" if fp16 and (dtype == torch.float16 or not default) else None
+    chosen = fp16 if variant else default
+    # no weights found: the library's own lookup says what is missing
+    safetensors = any(n.endswith(".safetensors") for n in chosen) if chosen else None
+    return {"variant": variant, "use_safetensors": safetensors}
+
+
+def ddpm_schedule(source: str):
+    """The DDPMScheduler of the model's training noise (betas, ᾱ, prediction type), built from its
+    `scheduler/scheduler_config.json` whatever scheduler class that names. Only the settings
+    DDPMScheduler takes are passed on, so a sampler's own (SD 2.1-base ships a PNDMScheduler
+    config: skip_prk_steps, set_alpha_to_one) make no warning or log line."""
+    from diffusers import DDPMScheduler
+
+    config = DDPMScheduler.load_config(source, subfolder="scheduler")
+    accepted = inspect.signature(DDPMScheduler.__init__).parameters
+    return DDPMScheduler(**{key: value for key, value in config.items() if key in accepted})
+
+
 def _load(source: str, local: bool, device: torch.device, dtype: torch.dtype, cpu_offload: bool) -> GuidanceModel:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
     from transformers import CLIPTextModel, CLIPTokenizer
 
     index = _model_index(source, local)
     if local and not (Path(source) / "unet").is_dir():
         raise GuidanceModelError(f"guidance model directory {source!r} has no unet/ folder; {FIX}")
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
+    files = _repo_files(source, local)
+
+    def component(model_class, subfolder: str, component_dtype: torch.dtype):
+        choice = weight_choice(files, subfolder, component_dtype)
+        return model_class.from_pretrained(source, subfolder=subfolder, torch_dtype=component_dtype, **choice)
+
+    unet = component(UNet2DConditionModel, "unet", dtype)
     vae = None
     if "vae" in index:
-        vae = _freeze(AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype).to(device))
+        vae = _freeze(component(AutoencoderKL, "vae", dtype).to(device))
         vae.set_attn_processor(AttnProcessor2_0())
     # The text encoder runs once per distinct prompt, so under offload it stays on the CPU.
     text_device = torch.device("cpu") if cpu_offload else device
     text_dtype = torch.float32 if text_device.type == "cpu" else dtype
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=text_dtype)
+    text_encoder = component(CLIPTextModel, "text_encoder", text_dtype)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    scheduler = ddpm_schedule(source)
 
     unet = _freeze(unet.to(device))
     unet.set_attn_processor(AttnProcessor2_0())

@@ -1,19 +1,16 @@
-"""nvdiffrast backend (CUDA): one RasterizeCudaContext per device, images flipped to row 0 at the top.
+"""nvdiffrast backend (CUDA): one RasterizeCudaContext per device and process, images flipped to
+row 0 at the top.
 
 nvdiffrast puts row 0 at NDC y = -1; flipping its outputs (and flipping back what goes into its
 antialiaser) gives the project's layout with identical pixel centres."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-
-def available() -> bool:
-    try:
-        import nvdiffrast.torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+NOT_INSTALLED = "nvdiffrast is not installed (pip install 'xdreamer[cuda]')"
 
 
 class NvdiffrastContext:
@@ -46,3 +43,26 @@ class NvdiffrastContext:
             faces.int().contiguous(),
         )
         return out.flip(1)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+@functools.cache
+def context_for(device: torch.device) -> NvdiffrastContext | str:
+    """`device`'s context, made once per process, or the one-line reason none can be made.
+
+    The `cuda` extra's diffrp-nvdiffrast compiles its CUDA plugin (nvcc, ninja) when the first
+    context is created, so a missing toolchain, driver or GPU shows up here, not mid-render."""
+    try:
+        import nvdiffrast.torch  # noqa: F401
+    except ModuleNotFoundError as error:
+        return NOT_INSTALLED if (error.name or "").startswith("nvdiffrast") else _one_line(error)
+    except Exception as error:  # a broken install fails at import in many ways
+        return _one_line(error)
+    try:
+        return NvdiffrastContext(device)
+    except Exception as error:  # the plugin build (RuntimeError, OSError, ...) or the driver
+        return _one_line(error)

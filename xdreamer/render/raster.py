@@ -1,8 +1,10 @@
 """Differentiable rasterization with nvdiffrast's interface: rasterize, interpolate, antialias.
 
 Two backends give the same outputs: "torch" (pure PyTorch, any device, the reference) and
-"nvdiffrast" (CUDA, imported lazily). "auto" picks nvdiffrast for CUDA tensors when it is
-installed, else torch.
+"nvdiffrast" (CUDA, imported lazily). "auto" picks nvdiffrast for CUDA tensors when a context can
+actually be created on their device (tried once per process and device: the `cuda` extra builds
+nvdiffrast's plugin at that moment), else torch, saying why in one warning per process.
+Asking for "nvdiffrast" where it cannot run is a one-line RasterError.
 
 Layout (shared with nvdiffrast, but image row 0 is the TOP, NDC y = +1):
   rast: (B, H, W, 4) = (u, v, z/w, triangle_id + 1), all 0 on background; u, v are the
@@ -16,12 +18,14 @@ to both `attr` and the vertex positions; `antialias` adds the gradients of silho
 Triangles with a vertex at w <= 0 are rasterized in homogeneous coordinates (no clipping needed)
 and cut per pixel at the near and far planes (-1 <= z/w <= 1).
 
-The nvdiffrast backend needs a CUDA context per device: make one `Rasterizer` and reuse it.
-The module functions accept a `Rasterizer` or a backend name; a name creates a fresh `Rasterizer`
-each call, which costs a context creation on CUDA.
+nvdiffrast's CUDA contexts are made once per device and process and shared by every
+`Rasterizer`, so the module functions may take a backend name as cheaply as a `Rasterizer`.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 
@@ -59,30 +63,30 @@ def _faces(faces: torch.Tensor) -> torch.Tensor:
 
 
 class Rasterizer:
-    """A backend choice plus the CUDA contexts nvdiffrast needs (one per device, made on first use)."""
+    """A backend choice: "auto", "torch" or "nvdiffrast" (see the module docstring)."""
 
     def __init__(self, backend: str = "auto"):
         if backend not in BACKENDS:
             raise RasterError(f"unknown rasterizer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.backend = backend
-        self._contexts: dict[torch.device, _raster_nvdiffrast.NvdiffrastContext] = {}
 
-    def backend_for(self, device: torch.device) -> str:
-        """The backend that runs for tensors on `device`."""
+    def backend_for(self, device: str | torch.device) -> str:
+        """The backend ("torch" or "nvdiffrast") that runs for tensors on `device`."""
         device = torch.device(device)
-        if self.backend == "auto":
-            return "nvdiffrast" if device.type == "cuda" and _raster_nvdiffrast.available() else "torch"
-        if self.backend == "nvdiffrast":
-            if device.type != "cuda":
-                raise RasterError(f"the nvdiffrast backend needs CUDA tensors, got device {device}")
-            if not _raster_nvdiffrast.available():
-                raise RasterError("the nvdiffrast backend is not installed (pip install 'xdreamer[cuda]')")
-        return self.backend
+        if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda"):
+            return "torch"
+        if device.type != "cuda":
+            raise RasterError(f"the nvdiffrast backend needs CUDA tensors, got device {device}")
+        context = _raster_nvdiffrast.context_for(_indexed(device))
+        if isinstance(context, str):
+            if self.backend == "nvdiffrast":
+                raise RasterError(f"the nvdiffrast backend cannot run on {device}: {context}")
+            _warn_once(f"nvdiffrast cannot run on {device.type}: {context}; using the torch rasterizer")
+            return "torch"
+        return "nvdiffrast"
 
     def _context(self, device: torch.device) -> _raster_nvdiffrast.NvdiffrastContext:
-        if device not in self._contexts:
-            self._contexts[device] = _raster_nvdiffrast.NvdiffrastContext(device)
-        return self._contexts[device]
+        return _raster_nvdiffrast.context_for(_indexed(device))
 
     def rasterize(
         self, pos_clip: torch.Tensor, faces: torch.Tensor, resolution: int | tuple[int, int]
@@ -118,6 +122,18 @@ class Rasterizer:
         if self.backend_for(color.device) == "nvdiffrast":
             return self._context(color.device).antialias(color, rast, pos_clip, faces)
         return _raster_torch.antialias(color, rast, pos_clip, faces, neighbors)
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """The bare "cuda" means the current device, so "cuda" and "cuda:0" share one context."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _rasterizer(backend: str | Rasterizer) -> Rasterizer:

@@ -106,14 +106,20 @@ def measure(model: GuidanceModel, mode: str, batch: int, steps: int) -> tuple[fl
     mask = (torch.rand(batch, 8 * size, 8 * size, 1, generator=g) > 0.5).float().to(device)
     t = torch.full((batch,), 300, device=device)
 
-    def step() -> None:
-        latents.grad = None
+    def before_unet(rows: slice) -> None:
+        # Each UNet call gets its rows of the [uncond; cond] condition; the recorder starts afresh.
         if lora is not None:
-            lora.set_condition(features, cameras)
-            optimizer.zero_grad()
+            lora.set_condition(features[rows], cameras[rows])
         if recorder is not None:
             recorder.set_token_index(torch.full((batch,), 5))
-        out = score_distillation(model, latents, cond, uncond, t, noise, 100.0, unet_grad=recorder is not None)
+
+    def step() -> None:
+        latents.grad = None
+        if optimizer is not None:
+            optimizer.zero_grad()
+        out = score_distillation(
+            model, latents, cond, uncond, t, noise, 100.0, unet_grad=recorder is not None, before_unet=before_unet
+        )
         loss = out.loss
         if recorder is not None:
             loss = loss + 0.1 * ama_loss(recorder.take(), mask)

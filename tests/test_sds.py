@@ -1,5 +1,7 @@
 """Score distillation: exact gradient, classifier-free guidance, batch order, NaN guard, clipping,
-normal+mask latents, pixel-space models, and descent on a denoiser with a known optimum."""
+normal+mask latents, pixel-space models, descent on a denoiser with a known optimum, and the
+differentiated conditional half (unet_grad): equal outputs, half the saved memory, rows for the
+attention processors."""
 
 from types import SimpleNamespace
 
@@ -8,6 +10,8 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from tiny_models import make_tiny_pixel_model, make_tiny_sd
 
+from xdreamer.guidance.ama import AttentionRecorder, ama_loss
+from xdreamer.guidance.cg_lora import CameraGuidedLoRA, install_attention_processors, remove_attention_processors
 from xdreamer.guidance.loader import GuidanceModel, load_guidance_model
 from xdreamer.guidance.sds import (
     GuidanceConfigError,
@@ -96,7 +100,7 @@ def test_unet_sees_uncond_then_cond_in_one_call(models):
     assert torch.equal(args[0][:3], args[0][3:])
 
 
-def test_unet_grad_keeps_graph_but_sds_target_stays_detached(models):
+def test_unet_grad_keeps_graph_of_the_conditional_half_only(models):
     model = models["sd1"]
     outputs = []
     handle = model.unet.register_forward_hook(lambda m, i, o: outputs.append(o.sample))
@@ -107,14 +111,117 @@ def test_unet_grad_keeps_graph_but_sds_target_stays_detached(models):
         tracked = score_distillation(model, latents, cond, uncond, t, noise, 20.0, unet_grad=True)
     finally:
         handle.remove()
-    assert not outputs[0].requires_grad and outputs[1].requires_grad
-    torch.testing.assert_close(plain.grad, tracked.grad, rtol=0, atol=0)
+    # plain: one call of 2B without graph; tracked: uncond B without graph, then cond B with it
+    assert [o.shape[0] for o in outputs] == [4, 2, 2]
+    assert [o.requires_grad for o in outputs] == [False, False, True]
+    # Two calls of B instead of one of 2B: the same predictions up to the kernels' rounding.
+    torch.testing.assert_close(outputs[1], outputs[0][:2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs[2], outputs[0][2:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tracked.grad, plain.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tracked.noise_pred_cfg, plain.noise_pred_cfg, rtol=1e-4, atol=1e-4)
     tracked.loss.backward(retain_graph=True)
-    assert torch.equal(latents.grad, tracked.grad / 2)
+    assert torch.equal(latents.grad, tracked.grad / 2)  # the SDS target stays detached
     # A loss on the UNet's own output (as AMA takes on its attention) reaches the input.
     latents.grad = None
-    outputs[1].square().mean().backward()
+    outputs[2].square().mean().backward()
     assert latents.grad.abs().sum() > 0
+
+
+def _saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `fn` runs, leaving out
+    the storages of `exclude` (the frozen weights, kept anyway)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(seen.values())
+
+
+def test_unet_grad_saves_half_the_activations_of_differentiating_the_whole_batch(models):
+    model = models["sd2"]
+    latents, noise, cond, uncond = _inputs(batch=4, seed=13)
+    t = torch.tensor([100, 300, 500, 700])
+    weights = list(model.unet.parameters()) + list(model.unet.buffers())
+    split = _saved_bytes(
+        lambda: score_distillation(model, latents, cond, uncond, t, noise, 7.5, unet_grad=True), weights
+    )
+    alpha = model.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+    # What unet_grad did before: the whole [uncond; cond] batch under autograd.
+    whole = _saved_bytes(
+        lambda: predict_noise(model, torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([uncond, cond])), weights
+    )
+    print(f"saved for backward: whole batch {whole / 2**20:.2f} MiB, conditional half {split / 2**20:.2f} MiB")
+    assert split > 0
+    assert 0.45 < split / whole < 0.55
+
+
+def test_before_unet_gives_cg_lora_and_the_recorder_their_rows(models):
+    """The pipeline's recipe: the condition of the whole [uncond; cond] batch is sliced to each
+    call's rows, and the recorder keeps only what the last call (the conditional half) records.
+    Maps and CG-LoRA gradients equal those of one differentiated call of 2B."""
+    model = models["sd2"]
+    latents, noise, cond, uncond = _inputs(batch=2, seed=14)
+    t = torch.tensor([200, 600])
+    g = torch.Generator().manual_seed(15)
+    text_features = torch.randn(4, 32, generator=g)
+    camera_features = torch.randn(4, 6, generator=g)
+    mask = (torch.rand(2, 64, 64, 1, generator=g) > 0.5).float()
+    lora = CameraGuidedLoRA(model.unet, 32).eval()  # eval: the adapters' dropout is off
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if name.endswith("up.weight"):  # non-zero updates, so a wrong row would show
+                p.normal_(0.0, 0.2, generator=g)
+    recorder = AttentionRecorder(variant="paper", layers="all")
+    install_attention_processors(model.unet, lora, recorder)
+    up = [p for name, p in lora.named_parameters() if name.endswith("up.weight")]
+    try:
+        # Reference: one call of 2B under autograd, condition of the whole batch.
+        lora.set_condition(text_features, camera_features)
+        recorder.set_token_index([5, 6])
+        alpha = model.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+        predict_noise(model, torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        reference_maps = recorder.take()
+        ama_loss(reference_maps, mask).backward()
+        # Adapters after the last recorded attention do not reach the maps: no gradient.
+        reference_grads = [None if p.grad is None else p.grad.clone() for p in up]
+        lora.zero_grad(set_to_none=True)
+
+        calls = []
+
+        def before_unet(rows: slice) -> None:
+            calls.append((rows.start, rows.stop))
+            lora.set_condition(text_features[rows], camera_features[rows])
+            recorder.reset()
+
+        recorder.set_token_index([5, 6])
+        score_distillation(model, latents, cond, uncond, t, noise, 7.5, unet_grad=True, before_unet=before_unet)
+        maps = recorder.take()
+        ama_loss(maps, mask).backward()
+    finally:
+        remove_attention_processors(model.unet)
+    assert calls == [(0, 2), (2, 4)]
+    assert len(maps) == len(reference_maps) == 4  # the tiny UNet's cross-attentions: down, mid, 2 up
+    for got, expected in zip(maps, reference_maps):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert sum(g.abs().sum() for g in reference_grads if g is not None) > 0
+    for p, expected in zip(up, reference_grads):
+        if expected is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, expected, rtol=1e-3, atol=1e-6)
+
+    seen = []
+    score_distillation(model, latents, cond, uncond, t, noise, 7.5, before_unet=lambda rows: seen.append(rows))
+    assert seen == [slice(0, 4)]  # standard SDS: one call of 2B
 
 
 def test_non_finite_gradient_is_skipped_with_zero_loss(models):

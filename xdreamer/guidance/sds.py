@@ -4,13 +4,18 @@ For model input x (latents, or images for a pixel-space model), a timestep t and
 x_t = √ᾱ_t x + √(1-ᾱ_t) ε, ε̂_cfg = ε̂_u + s (ε̂_c - ε̂_u) (classifier-free guidance), and the
 SDS gradient on x is w(t) (ε̂_cfg - ε) with the UNet Jacobian dropped.
 
-Batch order: the UNet runs once on 2B samples, **unconditional first**: rows [0, B) carry
-`uncond`, rows [B, 2B) carry `cond`, both on the same noisy input. Attention processors that
-depend on the sample (CG-LoRA, AMA's attention recording) rely on this order.
+Batch order: the UNet evaluates 2B samples, **unconditional first**: rows [0, B) carry `uncond`,
+rows [B, 2B) carry `cond`, both on the same noisy input. Standard SDS does it in one call. When
+the UNet keeps its graph (`unet_grad`, for AMA), it takes two calls: rows [0, B) without autograd,
+then rows [B, 2B) with it, so that only the conditional half, the one AMA reads, keeps its
+activations for the backward pass (half the UNet's saved memory). Attention processors that
+depend on the sample (CG-LoRA's per-sample condition, AMA's attention recording) learn which rows
+a call holds from `before_unet(rows)`, called just before each UNet call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +126,7 @@ def score_distillation(
     grad_clip_mode: str = "value",
     unet_grad: bool = False,
     unet_kwargs: dict | None = None,
+    before_unet: Callable[[slice], None] | None = None,
 ) -> SDSOutput:
     """One SDS step on model input `latents` (B, C, h, w) with text conditioning cond / uncond
     (B, L, D), timesteps t (B,) int64 and noise (B, C, h, w).
@@ -129,19 +135,31 @@ def score_distillation(
     [-clip, clip], "norm" rescales each view's gradient to an L2 norm of at most clip.
     loss = 0.5 Σ ||grad||² / B in value, and d loss / d latents = grad / B exactly (the mean of
     the views' gradients). The SDS target is always detached. With `unet_grad` False the UNet
-    runs without autograd (standard SDS); with True it keeps its graph from `latents` through
-    the attention layers, so losses read off the attention (AMA) reach the render and adapters.
-    `unet_kwargs` go to the UNet call (e.g. cross_attention_kwargs)."""
+    runs without autograd (standard SDS); with True the conditional half keeps its graph from
+    `latents` through the attention layers, so losses read off the attention (AMA) reach the
+    render and adapters; the unconditional half never does (see the module docstring).
+    `unet_kwargs` go to each UNet call (e.g. cross_attention_kwargs); `before_unet(rows)` is
+    called before each UNet call with the rows of the [uncond; cond] batch of 2B that the call
+    evaluates: slice(0, 2B) for one call, or slice(0, B) then slice(B, 2B)."""
     batch = latents.shape[0]
     t = t.to(model.device)
     alpha = model.alphas_cumprod[t].view(-1, 1, 1, 1)
     x = latents.float() if unet_grad else latents.detach().float()
     noisy = alpha.sqrt() * x + (1.0 - alpha).sqrt() * noise.float()
-    with torch.set_grad_enabled(unet_grad and torch.is_grad_enabled()):
-        noise_pred = predict_noise(
-            model, torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([uncond, cond]), unet_kwargs
-        )
-    noise_uncond, noise_cond = noise_pred.detach().chunk(2)
+
+    def unet(rows: slice, noisy_rows: torch.Tensor, t_rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if before_unet is not None:
+            before_unet(rows)
+        return predict_noise(model, noisy_rows, t_rows, context, unet_kwargs)
+
+    if unet_grad and torch.is_grad_enabled():
+        with torch.no_grad():
+            noise_uncond = unet(slice(0, batch), noisy.detach(), t, uncond)
+        noise_cond = unet(slice(batch, 2 * batch), noisy, t, cond).detach()
+    else:
+        with torch.no_grad():
+            both = unet(slice(0, 2 * batch), torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        noise_uncond, noise_cond = both.chunk(2)
     noise_pred_cfg = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
     weight = sds_weight(model.alphas_cumprod, t, weighting).view(-1, 1, 1, 1)
     grad = weight * (noise_pred_cfg - noise.float())

@@ -224,3 +224,32 @@ def test_obj_writes_pbr_mtl_and_flipped_vt(tmp_path, baked):
     image = np.asarray(loaded.visual.material.image.convert("RGB"))
     kd_srgb = linear_to_srgb(maps["kd"]).numpy()
     assert np.abs(image / 255.0 - kd_srgb).max() <= 0.5 / 255 + 1e-6
+
+
+def test_obj_shares_positions_across_uv_seams(tmp_path, mesh, baked):
+    """Each position is written once and the seam copies differ only in vt: every edge of the
+    closed input is shared by exactly two faces, running opposite ways, in the reloaded OBJ."""
+    atlas, maps = baked
+    write_obj(tmp_path / "asset.obj", atlas, maps)
+    lines = (tmp_path / "asset.obj").read_text().splitlines()
+    v = np.array([[float(x) for x in line.split()[1:]] for line in lines if line.startswith("v ")])
+    vt = np.array([[float(x) for x in line.split()[1:]] for line in lines if line.startswith("vt ")])
+    vn = np.array([[float(x) for x in line.split()[1:]] for line in lines if line.startswith("vn ")])
+    corners = np.array([[[int(i) - 1 for i in c.split("/")] for c in line.split()[1:]] for line in lines if line.startswith("f ")])
+    assert v.shape[0] == mesh.vertices.shape[0] < atlas.vertices.shape[0]  # the seam copies are gone
+    assert vt.shape[0] == atlas.vertices.shape[0] and vn.shape[0] == v.shape[0]
+    faces = atlas.faces.numpy()
+    assert np.array_equal(corners[..., 1], faces)  # vt keeps the unwrap's indexing
+    assert np.abs(v[corners[..., 0]] - atlas.vertices.numpy()[faces]).max() < 1e-6
+    assert np.abs(vt[:, 0] - atlas.uvs[:, 0].numpy()).max() < 1e-6
+    assert np.abs(vt[:, 1] - (1 - atlas.uvs[:, 1].numpy())).max() < 1e-6
+    assert np.array_equal(corners[..., 2], corners[..., 0])
+
+    position = corners[..., 0]
+    directed = np.stack([position, np.roll(position, -1, axis=1)], -1).reshape(-1, 2)
+    _, counts = np.unique(np.sort(directed, axis=1), axis=0, return_counts=True)
+    assert (counts == 2).all()
+    assert np.unique(directed, axis=0).shape[0] == directed.shape[0]
+    reloaded = trimesh.Trimesh(v, position, process=False)
+    assert reloaded.is_watertight and reloaded.is_winding_consistent and reloaded.euler_number == 2
+    assert abs(reloaded.volume - float(mesh.volume())) < 1e-4 * float(mesh.volume())

@@ -1,6 +1,9 @@
-"""The toy-world benchmark: generate each prompt, then score the asset against the prompt's ground
-truth — the shape (nearest primitive by Chamfer distance), the colour (named colour nearest the
-mean baked albedo in CIELAB) and the volumetric IoU with the prompted primitive.
+"""The toy-world benchmark: generate each prompt (once per seed), then score the asset against the
+prompt's ground truth — the shape (nearest primitive by Chamfer distance), the colour (named colour
+nearest the mean baked albedo in CIELAB) and the volumetric IoU with the prompted primitive — and
+what a user sees in a viewer: connected pieces and genus of the mesh, the CIELAB ΔE of the baked
+albedo from the world's colour, the mean baked metallic (the world has none) and the mean tilt of
+the baked normal map. Per ablation: means with 95 % intervals, and a paired comparison with "full".
 
 The runs themselves are made by a `generate` callable handed in by the caller (the CLI passes the
 pipeline's), so this module only knows the toy world and how to score a run directory."""
@@ -13,12 +16,13 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from xdreamer.atomic import write_json, write_text
+from xdreamer.geometry.cleanup import mesh_pieces
 from xdreamer.geometry.init import MeshSDF, normalize_mesh, volumetric_iou
 from xdreamer.mesh import Mesh, load_mesh
 from xdreamer.toy.world import COLOURS, HELD_OUT, SHAPES, ToyWorldError, caption, ground_truth_sdf, primitive_mesh
@@ -89,31 +93,78 @@ def shape_distances(mesh: Mesh, samples: int = 3000) -> dict[str, tuple[float, f
     return result
 
 
-def mean_albedo(glb: Path) -> np.ndarray:
-    """Area-weighted mean base colour (sRGB, (3,)) of an exported GLB, averaged in linear space."""
+def uv_coverage(uvs: torch.Tensor, faces: torch.Tensor, size: int) -> torch.Tensor:
+    """(S, S) bool: the texels the UV charts cover, as `bake_textures` rasterizes them (texel
+    centres inside a triangle). uvs: (V, 2) glTF orientation; faces: (F, 3)."""
+    from xdreamer.render.raster import Rasterizer
+
+    pos_clip = torch.stack([uvs[:, 0] * 2 - 1, 1 - uvs[:, 1] * 2, torch.zeros_like(uvs[:, 0]), torch.ones_like(uvs[:, 0])], -1)
+    return Rasterizer("torch").rasterize(pos_clip[None], faces, (size, size))[0, ..., 3] > 0
+
+
+def baked_texels(glb: Path) -> dict[str, np.ndarray]:
+    """The covered texels of an exported GLB's textures (the gutters between charts left out):
+    base_color (N, 3) sRGB in [0, 1], metallic (N,) in [0, 1] (the metallicRoughness texture's
+    blue channel) and normal (N, 3) tangent-space in [-1, 1] as glTF decodes it (2 x byte/255 - 1)."""
     import trimesh
 
-    scene = trimesh.load(glb)
+    scene = trimesh.load(glb, process=False)
     geometry = next(iter(scene.geometry.values())) if hasattr(scene, "geometry") else scene
-    colours = geometry.visual.to_color().vertex_colors[:, :3].astype(np.float64) / 255.0
-    area = np.zeros(len(geometry.vertices))
-    np.add.at(area, geometry.faces.reshape(-1), np.repeat(geometry.area_faces / 3.0, 3))
-    linear = np.where(colours <= 0.04045, colours / 12.92, ((colours + 0.055) / 1.055) ** 2.4)
-    mean = (linear * area[:, None]).sum(0) / area.sum()
+    material = geometry.visual.material
+    images = {
+        "base_color": material.baseColorTexture,
+        "metallic_roughness": material.metallicRoughnessTexture,
+        "normal": material.normalTexture,
+    }
+    images = {name: np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0 for name, image in images.items()}
+    size = images["base_color"].shape[0]
+    # trimesh's v points up the image; glTF's (and Mesh.uvs') origin is the top-left.
+    uv = np.asarray(geometry.visual.uv, dtype=np.float32)
+    uvs = torch.as_tensor(np.stack([uv[:, 0], 1 - uv[:, 1]], -1))
+    covered = uv_coverage(uvs, torch.as_tensor(np.asarray(geometry.faces, dtype=np.int64)), size).numpy()
+    return {
+        "base_color": images["base_color"][covered],
+        "metallic": images["metallic_roughness"][covered][:, 2],
+        "normal": images["normal"][covered] * 2 - 1,
+    }
+
+
+def mean_albedo(base_color: np.ndarray) -> np.ndarray:
+    """Mean of sRGB colours (N, 3), averaged in linear space -> (3,) sRGB. Over covered texels it
+    is the area-weighted mean over the surface: xatlas packs every chart at one texel density."""
+    linear = np.where(base_color <= 0.04045, base_color / 12.92, ((base_color + 0.055) / 1.055) ** 2.4)
+    mean = linear.mean(0)
     return np.where(mean <= 0.0031308, mean * 12.92, 1.055 * mean ** (1 / 2.4) - 0.055)
 
 
-def nearest_colour(srgb: np.ndarray) -> tuple[str, float]:
-    """The named toy colour nearest `srgb` in CIELAB (OpenCV's conversion), and its ΔE."""
+def normal_tilt(normal: np.ndarray) -> np.ndarray:
+    """(N,) degrees between tangent-space normals (N, 3) and +z, the unperturbed surface normal.
+    An 8-bit map cannot store an exact 0: the nearest bytes (128, 128, 255) decode to 0.32 deg."""
+    unit = normal / np.linalg.norm(normal, axis=-1, keepdims=True).clip(1e-12)
+    return np.degrees(np.arccos(unit[:, 2].clip(-1.0, 1.0)))
+
+
+def _lab(srgb) -> np.ndarray:
     import cv2
 
-    def lab(rgb) -> np.ndarray:
-        return cv2.cvtColor(np.asarray(rgb, dtype=np.float32).reshape(1, 1, 3), cv2.COLOR_RGB2Lab).reshape(3)
+    return cv2.cvtColor(np.asarray(srgb, dtype=np.float32).reshape(1, 1, 3), cv2.COLOR_RGB2Lab).reshape(3)
 
-    target = lab(srgb)
-    distances = {name: float(np.linalg.norm(lab(value) - target)) for name, value in COLOURS.items()}
+
+def delta_e(srgb_a, srgb_b) -> float:
+    """CIE76 colour difference: Euclidean distance in CIELAB (OpenCV's conversion, D65) of two sRGB colours."""
+    return float(np.linalg.norm(_lab(srgb_a) - _lab(srgb_b)))
+
+
+def nearest_colour(srgb: np.ndarray) -> tuple[str, float]:
+    """The named toy colour nearest `srgb` in CIELAB, and its ΔE."""
+    distances = {name: delta_e(value, srgb) for name, value in COLOURS.items()}
     name = min(distances, key=distances.get)
     return name, distances[name]
+
+
+def expected_genus(shape: str) -> int:
+    """The genus of the world's `shape` (1 for the torus, 0 for the other primitives)."""
+    return mesh_pieces(primitive_mesh(shape))[0].genus
 
 
 @dataclass
@@ -121,6 +172,7 @@ class Score:
     prompt: str
     split: str  # held-in | held-out
     ablation: str
+    seed: int
     shape: str
     colour: str
     predicted_shape: str
@@ -129,13 +181,20 @@ class Score:
     colour_correct: bool
     iou: float
     chamfer: float | None  # None for a failed run
-    mean_albedo: list[float]
+    mean_albedo: list[float]  # sRGB; empty for a failed run
+    delta_e: float | None  # CIELAB ΔE of mean_albedo vs the prompted colour
+    pieces: int | None  # connected pieces of the final mesh; None for a failed run
+    genus: int | None  # of its largest piece; None when that piece is open or not a manifold
+    topology_correct: bool  # one piece with the primitive's genus
+    pieces_removed: int | None  # by the run's clean-up (report.json "mesh"); None if not recorded
+    metallic: float | None  # mean over covered texels
+    normal_tilt: float | None  # mean degrees over covered texels
     seconds: float
 
 
-def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float = 0.0) -> Score:
+def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float = 0.0, seed: int = 0) -> Score:
     """Score one finished run directory against its prompt's ground truth."""
-    shape, _ = parse_prompt(prompt)
+    shape, colour = parse_prompt(prompt)
     mesh = load_mesh(run_dir / "geometry" / "mesh.ply")
     distances = shape_distances(mesh)
     predicted_shape = min(distances, key=lambda s: distances[s][0])
@@ -147,35 +206,52 @@ def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float
         return ground_truth_sdf(shape, torch.as_tensor(_yaw(points.double().numpy(), -yaw), dtype=points.dtype))
 
     iou = volumetric_iou(generated_sdf, prompted_sdf, bounds=1.05, resolution=40)
-    albedo = mean_albedo(run_dir / "export" / "model.glb")
-    predicted_colour, _ = nearest_colour(albedo)
+    texels = baked_texels(run_dir / "export" / "model.glb")
+    albedo = mean_albedo(texels["base_color"])
+    pieces = mesh_pieces(mesh)
+    genus = pieces[0].genus if pieces else None
+    report = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else {}
+    removed = (report.get("mesh") or {}).get("pieces_removed")
     return _score(
-        prompt, ablation, seconds, predicted_shape, predicted_colour, float(iou), distances[shape][0],
-        [float(x) for x in albedo],
+        prompt, ablation, seed, seconds,
+        predicted_shape=predicted_shape,
+        predicted_colour=nearest_colour(albedo)[0],
+        iou=float(iou),
+        chamfer=distances[shape][0],
+        mean_albedo=[float(x) for x in albedo],
+        delta_e=delta_e(albedo, COLOURS[colour]),
+        pieces=len(pieces),
+        genus=genus,
+        topology_correct=len(pieces) == 1 and genus == expected_genus(shape),
+        pieces_removed=None if removed is None else len(removed),
+        metallic=float(texels["metallic"].mean()),
+        normal_tilt=float(normal_tilt(texels["normal"]).mean()),
     )
 
 
-def failed_score(prompt: str, ablation: str, seconds: float) -> Score:
-    """The score of a run that ended with status "failed": wrong shape and colour, IoU 0."""
-    return _score(prompt, ablation, seconds, "(failed)", "(failed)", 0.0, None, [])
+def failed_score(prompt: str, ablation: str, seconds: float, seed: int = 0) -> Score:
+    """The score of a run that ended with status "failed": wrong shape, colour and topology, IoU
+    0, no texture measures."""
+    return _score(
+        prompt, ablation, seed, seconds, predicted_shape="(failed)", predicted_colour="(failed)", iou=0.0,
+        chamfer=None, mean_albedo=[], delta_e=None, pieces=None, genus=None, topology_correct=False,
+        pieces_removed=None, metallic=None, normal_tilt=None,
+    )
 
 
-def _score(prompt, ablation, seconds, predicted_shape, predicted_colour, iou, chamfer, albedo) -> Score:
+def _score(prompt: str, ablation: str, seed: int, seconds: float, **measures) -> Score:
     shape, colour = parse_prompt(prompt)
     return Score(
         prompt=prompt,
         split="held-out" if (shape, colour) in HELD_OUT else "held-in",
         ablation=ablation,
+        seed=seed,
         shape=shape,
         colour=colour,
-        predicted_shape=predicted_shape,
-        predicted_colour=predicted_colour,
-        shape_correct=predicted_shape == shape,
-        colour_correct=predicted_colour == colour,
-        iou=iou,
-        chamfer=chamfer,
-        mean_albedo=albedo,
+        shape_correct=measures["predicted_shape"] == shape,
+        colour_correct=measures["predicted_colour"] == colour,
         seconds=seconds,
+        **measures,
     )
 
 
@@ -184,49 +260,227 @@ def run_status(run_dir: Path) -> str | None:
     return json.loads(report.read_text())["status"] if report.is_file() else None
 
 
-def summarize(scores: list[Score]) -> list[dict]:
-    """Accuracy and mean IoU per (ablation, split)."""
-    rows = []
+# ----- statistics ----------------------------------------------------------------------------
+
+CONFIDENCE = 0.95
+RESAMPLES = 10_000
+INTERVALS = (
+    "95 % intervals. Accuracies (proportions of runs): Wilson score interval over the runs. "
+    f"Means and paired differences: two-stage percentile bootstrap, {RESAMPLES} resamples (seed 0): "
+    "prompts with replacement, then seeds within each drawn prompt, since the runs of one prompt "
+    "are not independent. Paired "
+    "comparison: difference = full - ablation on the same prompt and seed; wins/losses by which is "
+    "better (higher accuracy and IoU, lower ΔE, metallic and tilt); p: two-sided sign test over the "
+    "pairs that differ (for accuracies this is the exact McNemar test)."
+)
+FLAT_SHAPES = ("cube", "pyramid")
+
+# Proportions: summarized with a Wilson interval.
+PROPORTIONS: dict[str, Callable[[Score], bool]] = {
+    "shape_accuracy": lambda s: s.shape_correct,
+    "colour_accuracy": lambda s: s.colour_correct,
+    "topology_accuracy": lambda s: s.topology_correct,
+}
+# Means: summarized with a bootstrap interval; None (a failed run, a shape it does not apply to)
+# is left out. flat_normal_tilt is the tilt on cube and pyramid, whose surface is flat faces
+# except thin crease bands.
+MEANS: dict[str, Callable[[Score], float | None]] = {
+    "iou": lambda s: s.iou,
+    "delta_e": lambda s: s.delta_e,
+    "metallic": lambda s: s.metallic,
+    "normal_tilt": lambda s: s.normal_tilt,
+    "flat_normal_tilt": lambda s: s.normal_tilt if s.shape in FLAT_SHAPES else None,
+    "pieces": lambda s: s.pieces,
+    "seconds": lambda s: s.seconds,
+}
+HIGHER_IS_BETTER = {"shape_accuracy": True, "colour_accuracy": True, "topology_accuracy": True, "iou": True,
+                    "delta_e": False, "metallic": False, "normal_tilt": False, "flat_normal_tilt": False,
+                    "pieces": False, "seconds": False}
+
+
+def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(successes, trials).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def bootstrap_mean(
+    values: np.ndarray, clusters: np.ndarray, resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of `values` (N,) and its 95 % percentile interval from a
+    two-stage bootstrap: resample the clusters (N,) labels (the prompts) with replacement, then
+    the values within each drawn cluster (its seeds), so that both the prompts and the seeds vary."""
+    _, cluster = np.unique(clusters, return_inverse=True)
+    order = np.argsort(cluster, kind="stable")
+    counts = np.bincount(cluster)
+    starts = np.cumsum(counts) - counts
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, counts.shape[0], size=(resamples, counts.shape[0]))  # (R, P) clusters
+    n = counts[picks][..., None]  # (R, P, 1)
+    within = np.minimum((rng.random((*picks.shape, counts.max())) * n).astype(np.int64), n - 1)
+    drawn = values[order][starts[picks][..., None] + within]  # (R, P, max count)
+    valid = np.arange(counts.max()) < n
+    means = np.where(valid, drawn, 0.0).sum((1, 2)) / valid.sum((1, 2))
+    low, high = np.percentile(means, [50 * (1 - CONFIDENCE), 100 - 50 * (1 - CONFIDENCE)])
+    return float(values.mean()), float(low), float(high)
+
+
+def sign_test(differences: np.ndarray, higher_is_better: bool = True) -> tuple[int, int, int, float]:
+    """(wins, losses, ties, p) for paired differences (N,) = first - second: a win is a pair where
+    the first is better; p is the two-sided binomial test of wins against losses (1 with none)."""
+    from scipy.stats import binomtest
+
+    better = differences > 0 if higher_is_better else differences < 0
+    worse = differences < 0 if higher_is_better else differences > 0
+    wins, losses = int(better.sum()), int(worse.sum())
+    p = binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
+    return wins, losses, int(differences.shape[0]) - wins - losses, float(p)
+
+
+def _groups(scores: list[Score]):
+    """(ablation, split, runs) per ablation in order of appearance, split held-in, held-out."""
     for ablation in dict.fromkeys(s.ablation for s in scores):
         for split in ("held-in", "held-out"):
             group = [s for s in scores if s.ablation == ablation and s.split == split]
-            if not group:
+            if group:
+                yield ablation, split, group
+
+
+def summarize(scores: list[Score]) -> list[dict]:
+    """Per (ablation, split): runs, prompts, seeds, and for every measure its mean and 95 %
+    interval (keys `<measure>` and `<measure>_ci`; None where no run has the measure)."""
+    rows = []
+    for ablation, split, group in _groups(scores):
+        row = {
+            "ablation": ablation,
+            "split": split,
+            "runs": len(group),
+            "prompts": len({s.prompt for s in group}),
+            "seeds": sorted({s.seed for s in group}),
+        }
+        for name, measure in PROPORTIONS.items():
+            successes = sum(bool(measure(s)) for s in group)
+            row[name] = successes / len(group)
+            row[f"{name}_ci"] = list(wilson_interval(successes, len(group)))
+        for name, measure in MEANS.items():
+            kept = [(measure(s), s.prompt) for s in group if measure(s) is not None]
+            if not kept:
+                row[name], row[f"{name}_ci"] = None, None
                 continue
-            rows.append(
-                {
-                    "ablation": ablation,
-                    "split": split,
-                    "prompts": len(group),
-                    "shape_accuracy": sum(s.shape_correct for s in group) / len(group),
-                    "colour_accuracy": sum(s.colour_correct for s in group) / len(group),
-                    "mean_iou": sum(s.iou for s in group) / len(group),
-                    "mean_seconds": sum(s.seconds for s in group) / len(group),
-                }
-            )
+            mean, low, high = bootstrap_mean(np.array([v for v, _ in kept], dtype=np.float64), np.array([p for _, p in kept]))
+            row[name], row[f"{name}_ci"] = mean, [low, high]
+        rows.append(row)
     return rows
 
 
+def paired_comparison(scores: list[Score], baseline: str = "full") -> list[dict]:
+    """`baseline` against every other ablation on the same prompt and seed, per split and over
+    both ("all"). Per measure: `<m>_difference` (baseline - ablation, mean), `<m>_difference_ci`,
+    `<m>_wins` / `_losses` / `_ties` (the baseline better / worse / equal) and `<m>_p` (sign test)."""
+    reference = {(s.prompt, s.seed): s for s in scores if s.ablation == baseline}
+    measures = {**PROPORTIONS, **MEANS}
+    rows = []
+    for ablation in dict.fromkeys(s.ablation for s in scores if s.ablation != baseline):
+        for split in ("held-in", "held-out", "all"):
+            pairs = [
+                (reference[(s.prompt, s.seed)], s)
+                for s in scores
+                if s.ablation == ablation and (s.prompt, s.seed) in reference and split in ("all", s.split)
+            ]
+            if not pairs:
+                continue
+            row = {"ablation": ablation, "baseline": baseline, "split": split, "pairs": len(pairs)}
+            for name, measure in measures.items():
+                kept = [(float(measure(a)) - float(measure(b)), a.prompt) for a, b in pairs
+                        if measure(a) is not None and measure(b) is not None]
+                if not kept:
+                    for key in ("difference", "difference_ci", "wins", "losses", "ties", "p"):
+                        row[f"{name}_{key}"] = None
+                    continue
+                differences = np.array([d for d, _ in kept])
+                mean, low, high = bootstrap_mean(differences, np.array([p for _, p in kept]))
+                wins, losses, ties, p = sign_test(differences, HIGHER_IS_BETTER[name])
+                row.update({f"{name}_difference": mean, f"{name}_difference_ci": [low, high], f"{name}_wins": wins,
+                            f"{name}_losses": losses, f"{name}_ties": ties, f"{name}_p": p})
+            rows.append(row)
+    return rows
+
+
+# ----- tables --------------------------------------------------------------------------------
+
+
+def _cell(row: dict, name: str, fmt: str, percent: bool = False) -> str:
+    if row.get(name) is None:
+        return "-"
+    scale = 100.0 if percent else 1.0
+    low, high = row[f"{name}_ci"]
+    unit = " %" if percent else ""
+    return f"{row[name] * scale:{fmt}}{unit} [{low * scale:{fmt}}, {high * scale:{fmt}}]"
+
+
+def _difference(row: dict, name: str, fmt: str, percent: bool = False) -> str:
+    if row.get(f"{name}_difference") is None:
+        return "-"
+    scale = 100.0 if percent else 1.0
+    low, high = row[f"{name}_difference_ci"]
+    return (
+        f"{row[f'{name}_difference'] * scale:+{fmt}} [{low * scale:+{fmt}}, {high * scale:+{fmt}}] "
+        f"{row[f'{name}_wins']}/{row[f'{name}_losses']}/{row[f'{name}_ties']} p={row[f'{name}_p']:.2g}"
+    )
+
+
 def markdown_table(scores: list[Score]) -> str:
+    """The summary per ablation and split, the paired comparison with "full" and every run."""
     lines = [
-        "| ablation | split | prompts | shape acc. | colour acc. | mean IoU | s / prompt |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| ablation | split | runs | shape acc. % | colour acc. % | one piece, right genus % | IoU | ΔE | metallic | "
+        "normal tilt ° | tilt on cube/pyramid ° | pieces | s / run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summarize(scores):
         lines.append(
-            f"| {row['ablation']} | {row['split']} | {row['prompts']} | {row['shape_accuracy']:.0%} | "
-            f"{row['colour_accuracy']:.0%} | {row['mean_iou']:.3f} | {row['mean_seconds']:.0f} |"
+            f"| {row['ablation']} | {row['split']} | {row['runs']} | {_cell(row, 'shape_accuracy', '.0f', True)} | "
+            f"{_cell(row, 'colour_accuracy', '.0f', True)} | {_cell(row, 'topology_accuracy', '.0f', True)} | "
+            f"{_cell(row, 'iou', '.3f')} | {_cell(row, 'delta_e', '.1f')} | {_cell(row, 'metallic', '.2f')} | "
+            f"{_cell(row, 'normal_tilt', '.1f')} | {_cell(row, 'flat_normal_tilt', '.1f')} | "
+            f"{_cell(row, 'pieces', '.1f')} | {row['seconds']:.0f} |"
         )
+    paired = paired_comparison(scores)
+    if paired:
+        lines += [
+            "",
+            "Paired with full (same prompt and seed): difference full - ablation [95 % interval], "
+            "wins/losses/ties of full, sign-test p.",
+            "",
+            "| ablation | split | pairs | IoU | shape acc. (points) | colour acc. (points) | "
+            "one piece, right genus (points) | ΔE |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in paired:
+            lines.append(
+                f"| {row['ablation']} | {row['split']} | {row['pairs']} | {_difference(row, 'iou', '.3f')} | "
+                f"{_difference(row, 'shape_accuracy', '.0f', True)} | {_difference(row, 'colour_accuracy', '.0f', True)} | "
+                f"{_difference(row, 'topology_accuracy', '.0f', True)} | {_difference(row, 'delta_e', '.1f')} |"
+            )
     lines += [
         "",
-        "| ablation | prompt | split | shape → predicted | colour → predicted | IoU | Chamfer | s |",
-        "|---|---|---|---|---|---:|---:|---:|",
+        INTERVALS,
+        "",
+        "| ablation | prompt | seed | split | shape → predicted | colour → predicted | IoU | Chamfer | pieces (removed) | "
+        "genus | ΔE | metallic | tilt ° | s |",
+        "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in scores:
         shape = f"{s.shape} → {s.predicted_shape}" + ("" if s.shape_correct else " ✗")
         colour = f"{s.colour} → {s.predicted_colour}" + ("" if s.colour_correct else " ✗")
-        chamfer = "-" if s.chamfer is None else f"{s.chamfer:.3f}"
+        number = lambda x, fmt: "-" if x is None else f"{x:{fmt}}"  # noqa: E731
+        removed = "" if s.pieces_removed is None else f" ({s.pieces_removed})"
+        genus = number(s.genus, "d") + ("" if s.topology_correct else " ✗")
         lines.append(
-            f"| {s.ablation} | {s.prompt} | {s.split} | {shape} | {colour} | {s.iou:.3f} | {chamfer} | {s.seconds:.0f} |"
+            f"| {s.ablation} | {s.prompt} | {s.seed} | {s.split} | {shape} | {colour} | {s.iou:.3f} | "
+            f"{number(s.chamfer, '.3f')} | {number(s.pieces, 'd')}{removed} | {genus} | {number(s.delta_e, '.1f')} | "
+            f"{number(s.metallic, '.2f')} | {number(s.normal_tilt, '.1f')} | {s.seconds:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -244,34 +498,57 @@ def read_prompts(path: Path | None) -> list[str]:
     return prompts
 
 
+def run_directory(out_dir: Path, ablation: str, prompt: str, seed: int) -> Path:
+    """out_dir/<ablation>/<prompt as a slug>/seed_<seed>"""
+    return out_dir / ablation / re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_") / f"seed_{seed}"
+
+
+def write_results(out_dir: Path, scores: list[Score]) -> None:
+    """eval.json (summary, paired comparison, every run) and eval.md, each atomically."""
+    results = {
+        "intervals": INTERVALS,
+        "summary": summarize(scores),
+        "paired": paired_comparison(scores),
+        "runs": [asdict(s) for s in scores],
+    }
+    write_json(out_dir / "eval.json", results)
+    write_text(out_dir / "eval.md", markdown_table(scores))
+
+
 def run_benchmark(
     prompts: list[str],
     out_dir: Path,
     ablations: list[str],
     generate: Callable[[str, Path, list[str]], int],
+    seeds: Sequence[int] = (0,),
 ) -> list[Score]:
-    """For each ablation and prompt: `generate(prompt, run_dir, overrides)` then score the run.
-    Finished runs are scored again without regenerating, so an interrupted benchmark continues."""
+    """For each seed, ablation and prompt: `generate(prompt, run_dir, overrides + ["seed=N"])`,
+    then score the run. Seeds are the outer loop, so an interrupted benchmark already has complete
+    paired comparisons for its first seeds. Finished runs are scored again without regenerating,
+    so a rerun continues where it stopped; eval.json and eval.md are rewritten after every run."""
     for name in ablations:
         if name not in ABLATIONS:
             raise ToyWorldError(f"unknown ablation {name!r} (choose from: {', '.join(ABLATIONS)})")
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
+        raise ToyWorldError(f"seeds must be distinct integers, at least one, got {seeds}")
     scores: list[Score] = []
-    for ablation in ablations:
-        for prompt in prompts:
-            run_dir = out_dir / ablation / re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")
-            timing = run_dir / "benchmark_seconds.json"
-            if run_status(run_dir) != "done":
-                start = time.perf_counter()
-                code = generate(prompt, run_dir, ABLATIONS[ablation])
-                if code != 0 and run_status(run_dir) != "failed":
-                    raise RuntimeError(f"generate failed for {prompt!r} ({ablation}) with exit code {code}")
-                write_json(timing, {"seconds": time.perf_counter() - start})
-            seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
-            if run_status(run_dir) == "failed":
-                # A run that went bad counts as a miss on every measure; the benchmark goes on.
-                scores.append(failed_score(prompt, ablation, seconds))
-            else:
-                scores.append(score_run(run_dir, prompt, ablation, seconds))
-            write_json(out_dir / "eval.json", {"summary": summarize(scores), "prompts": [asdict(s) for s in scores]})
-            write_text(out_dir / "eval.md", markdown_table(scores))
+    for seed in seeds:
+        for ablation in ablations:
+            for prompt in prompts:
+                run_dir = run_directory(out_dir, ablation, prompt, seed)
+                timing = run_dir / "benchmark_seconds.json"
+                if run_status(run_dir) != "done":
+                    start = time.perf_counter()
+                    code = generate(prompt, run_dir, ABLATIONS[ablation] + [f"seed={seed}"])
+                    if code != 0 and run_status(run_dir) != "failed":
+                        raise RuntimeError(f"generate failed for {prompt!r} ({ablation}, seed {seed}) with exit code {code}")
+                    write_json(timing, {"seconds": time.perf_counter() - start})
+                seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
+                if run_status(run_dir) == "failed":
+                    # A run that went bad counts as a miss on every measure; the benchmark goes on.
+                    scores.append(failed_score(prompt, ablation, seconds, seed))
+                else:
+                    scores.append(score_run(run_dir, prompt, ablation, seconds, seed))
+                write_results(out_dir, scores)
     return scores

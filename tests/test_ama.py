@@ -13,6 +13,8 @@ from xdreamer.guidance.ama import (
     AMAError,
     AttentionRecorder,
     ama_loss,
+    attention_mask_iou,
+    map_mask_iou,
     normalize_map,
     resize_mask,
     save_attention_visualization,
@@ -118,7 +120,7 @@ def test_ama_loss_values_match_the_formula():
     attention = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])  # normalizes to 0, 1/3, 2/3, 1
     full = torch.ones(1, 4, 4, 1)
     assert ama_loss([attention], full, eps=0.0).item() == pytest.approx((1 + 2 / 3 + 1 / 3 + 0) / 4)
-    assert ama_loss([attention], full, "l2", eps=0.0).item() == pytest.approx((1 + 4 / 9 + 1 / 9) / 4)
+    assert ama_loss([attention], full, "mse", eps=0.0).item() == pytest.approx((1 + 4 / 9 + 1 / 9) / 4)
     # A mask equal to the normalized map gives zero.
     mask = (torch.tensor([[0.0, 1.0], [2.0, 3.0]]) / 3)[None, :, :, None]
     assert ama_loss([attention], mask, eps=0.0).item() == pytest.approx(0.0, abs=1e-7)
@@ -144,7 +146,7 @@ def test_ama_loss_gradient_matches_finite_differences():
     maps = [torch.rand(2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True),
             torch.rand(2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)]
     mask = torch.rand(2, 8, 8, 1, generator=g, dtype=torch.float64)
-    for norm in ("l1", "l2"):
+    for norm in ("l1", "mse"):
         assert torch.autograd.gradcheck(lambda a, b: ama_loss([a, b], mask, norm), maps, eps=1e-7, atol=1e-6)
 
 
@@ -190,3 +192,29 @@ def test_attention_visualization_writes_the_figure_grid(tmp_path):
     hottest = image[16 + 14, 32 + 1]  # view 1, first map column, inside the bottom-left cell
     assert hottest.astype(int).sum() > 600  # the top of the colour scale is near white-yellow
     assert not list(tmp_path.glob("attention/.*"))  # no temporary left behind
+
+
+def test_batch_normalization_uses_the_extremes_of_the_whole_batch():
+    attention = torch.tensor([[[0.0, 1.0], [1.0, 1.0]], [[2.0, 2.0], [2.0, 4.0]]])
+    per_sample = normalize_map(attention, eps=0.0)
+    assert torch.equal(per_sample[0], torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
+    assert torch.equal(per_sample[1], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+    batch = normalize_map(attention, eps=0.0, per="batch")
+    assert torch.equal(batch, attention / 4.0)
+    full = torch.ones(2, 2, 2, 1)
+    assert ama_loss([attention], full, normalize="batch", eps=0.0).item() == pytest.approx(
+        (1.0 - attention / 4.0).mean().item()
+    )
+
+
+def test_attention_mask_iou_per_resolution():
+    mask = torch.zeros(2, 8, 8, 1)
+    mask[:, 2:6, 2:6] = 1.0  # a 4x4 square in the middle
+    aligned = mask[..., 0] * 3.0 + 1.0  # high exactly on the object: IoU 1
+    shifted = torch.roll(aligned, shifts=2, dims=2)  # moved right by half the square: IoU 1/3
+    small = torch.nn.functional.interpolate(aligned[:, None], size=(4, 4), mode="area")[:, 0]
+    ious = attention_mask_iou([aligned, shifted, small], mask)
+    assert list(ious) == [8, 4]
+    assert ious[8] == pytest.approx((1.0 + 1 / 3) / 2)
+    assert ious[4] == pytest.approx(1.0)
+    assert map_mask_iou(shifted, mask).tolist() == pytest.approx([1 / 3, 1 / 3])

@@ -7,10 +7,12 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
 from tiny_models import make_tiny_sd
 
+from xdreamer.config import load_config
 from xdreamer.guidance.ama import AttentionRecorder, ama_loss
 from xdreamer.guidance.cg_lora import (
     CameraGuidedLoRA,
     CGLoRAError,
+    CGLoRALinear,
     XDreamerAttnProcessor,
     install_attention_processors,
     make_cg_lora_optimizer,
@@ -150,39 +152,84 @@ def test_ama_gradients_reach_every_cg_lora_part_and_make_output_camera_dependent
     assert (after - before).abs().max().item() > camera_gap / 10
 
 
-def test_ama_alone_trains_cg_lora_to_lower_the_ama_loss(model_dirs):
-    """The integration path: tiny SD loaded by the loader, direction-aware text features, camera
-    features, SDS with the UNet under autograd; CG-LoRA learns from AMA only."""
-    model = load_guidance_model(str(model_dirs["sd1"]), "cpu")
+def _ama_training(model_dirs, cfg, steps: int):
+    """AMA-only training of CG-LoRA as a run does it: tiny SD through the loader, direction-aware
+    text features, SDS with the conditional half under autograd, the adapters with the config's
+    optimizer and the camera MLP with the geometry stage's AdamW. Returns the AMA loss before and
+    after (adapters in eval mode: no dropout) and the adapters."""
+    model = load_guidance_model(str(model_dirs["sd2"]), "cpu")
     conditioner = TextConditioner(model)
     cameras = orbit_cameras(2, elevation=20.0)
     views = conditioner.cameras("a red chair", cameras)
-    lora = CameraGuidedLoRA(model.unet, TEXT_DIM)
-    recorder = AttentionRecorder(variant="paper", layers="all")
+    c = cfg.cg_lora
+    torch.manual_seed(0)
+    lora = CameraGuidedLoRA(model.unet, TEXT_DIM, rank=c.rank, targets=c.targets, scale=c.scale, dropout=c.dropout)
+    recorder = AttentionRecorder(variant="paper", layers=cfg.ama.layers)
     install_attention_processors(model.unet, lora, recorder)
-    optimizer = make_cg_lora_optimizer(lora.parameters(), "adamw", lr=3e-3)
+    adapters = make_cg_lora_optimizer(lora.up_parameters(), c.optimizer, lr=c.lr, max_grad_norm=c.grad_clip)
+    camera = torch.optim.AdamW(lora.camera_mlp.parameters(), lr=cfg.geometry.lr, betas=(0.9, 0.99), eps=1e-15)
     g = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([300, 300])
     mask = disk_mask(2, 64, 0.6)
+    text, camera_features = views.features_batch(), cameras.features().repeat(2, 1)
 
-    def ama_step() -> torch.Tensor:
-        lora.set_condition(views.features_batch(), cameras.features().repeat(2, 1))
+    def before_unet(rows):
+        lora.set_condition(text[rows], camera_features[rows])
         recorder.set_token_index(views.cond_eot)
-        score_distillation(model, latents, views.cond, views.uncond, t, noise, 50.0, unet_grad=True)
-        return ama_loss(recorder.take(), mask)
 
-    losses = []
-    for _ in range(25):
-        optimizer.zero_grad()
-        loss = ama_step()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    def ama_step() -> tuple[torch.Tensor, torch.Tensor]:
+        sds = score_distillation(
+            model, latents, views.cond, views.uncond, t, noise, 50.0, unet_grad=True, before_unet=before_unet
+        )
+        return ama_loss(recorder.take(), mask, norm=cfg.ama.norm), sds.noise_pred_cfg
+
+    lora.eval()
     with torch.no_grad():
-        final = ama_step().item()
-    print(f"AMA loss over a fixed batch: {losses[0]:.4f} -> {final:.4f} after 25 AdamW steps")
-    assert final < 0.8 * losses[0]
+        first, prediction = ama_step()
+    lora.train()
+    for _ in range(steps):
+        adapters.zero_grad()
+        camera.zero_grad()
+        (cfg.ama.weight * ama_step()[0]).backward()
+        adapters.step()
+        camera.step()
+    lora.eval()
+    with torch.no_grad():
+        final, trained_prediction = ama_step()
+    up = max(a.up.weight.abs().max().item() for layer in lora.layers.values() for a in layer.values())
+    change = ((trained_prediction - prediction).norm() / prediction.norm()).item()
+    return first.item(), final.item(), up, change
+
+
+def test_toy_preset_defaults_train_cg_lora_from_ama(model_dirs):
+    """With the toy preset's CG-LoRA and AMA settings as they are (no optimizer overrides), 25
+    AMA steps on a tiny SD pipeline lower the AMA loss by at least 20 % and change what the UNet
+    predicts."""
+    cfg = load_config(preset="toy", prompt="a red chair")
+    first, final, up, change = _ama_training(model_dirs, cfg, steps=25)
+    print(f"AMA loss {first:.4f} -> {final:.4f}, max|B| {up:.3g}, guided noise change {change:.3g}")
+    assert final < 0.8 * first
+    # The up matrices start at zero and each normalized step has length lr * grad_clip = 0.1
+    # over all adapter tensors (about 1e5 numbers here), so a uniform spread of 25 steps would
+    # give max|B| ~ 25 * 0.1 / sqrt(1e5) ~ 0.008. That they reach 10x that means the steps
+    # concentrate on the entries AMA needs; and the adapted UNet's guided prediction moves by
+    # more than 0.1 % (at the paper's step, 5e-5, max|B| stays 1.7e-4 and the change 3e-5).
+    assert up > 0.08, up
+    assert change > 1e-3, change
+
+
+def test_paper_defaults_take_the_authors_normalized_step():
+    """The default CG-LoRA update is the authors' effective one: a step of length lr * clip =
+    5e-5 whatever the gradient's size (their GradScaler keeps the clip always active)."""
+    cfg = load_config(preset="paper", prompt="a red chair")
+    assert cfg.cg_lora.optimizer == "normalized_sgd" and cfg.cg_lora.lr == 1e-5 and cfg.cg_lora.grad_clip == 5.0
+    for size in (1e-9, 1.0, 1e6):
+        weight = torch.nn.Parameter(torch.zeros(3, 4))
+        optimizer = make_cg_lora_optimizer([weight], cfg.cg_lora.optimizer, cfg.cg_lora.lr, cfg.cg_lora.grad_clip)
+        weight.grad = torch.full((3, 4), size)
+        optimizer.step()
+        assert weight.detach().norm().item() == pytest.approx(5e-5, rel=1e-5)
 
 
 def test_ablation_switches_remove_the_parts(model_dirs):
@@ -227,7 +274,7 @@ def test_reinstalling_keeps_untouched_processors_and_undoes_earlier_installs(mod
     kinds = {name.split(".")[-2]: type(p) for name, p in unet.attn_processors.items()}
     assert kinds == {"attn1": AttnProcessor2_0, "attn2": XDreamerAttnProcessor}
     unet.set_attn_processor({n: SlicedAttnProcessor(1) if "attn1" in n else p for n, p in unet.attn_processors.items()})
-    install_attention_processors(unet, CameraGuidedLoRA(unet, TEXT_DIM), None)
+    install_attention_processors(unet, CameraGuidedLoRA(unet, TEXT_DIM, targets="cross"), None)
     remove_attention_processors(unet)
     kinds = {name.split(".")[-2]: type(p) for name, p in unet.attn_processors.items()}
     assert kinds == {"attn1": SlicedAttnProcessor, "attn2": AttnProcessor2_0}
@@ -254,7 +301,7 @@ def test_condition_must_match_the_unet_call(model_dirs):
 
 def test_lora_weights_round_trip_through_safetensors(model_dirs, tmp_path):
     unet = fresh_unet(model_dirs)
-    lora = CameraGuidedLoRA(unet, TEXT_DIM)
+    lora = CameraGuidedLoRA(unet, TEXT_DIM).eval()
     with torch.no_grad():
         for layer in lora.layers.values():
             for adapter in layer.values():
@@ -268,7 +315,7 @@ def test_lora_weights_round_trip_through_safetensors(model_dirs, tmp_path):
     path = lora.save(tmp_path / "cg_lora.safetensors")
 
     torch.manual_seed(123)  # a differently initialized copy
-    restored = CameraGuidedLoRA(unet, TEXT_DIM)
+    restored = CameraGuidedLoRA(unet, TEXT_DIM).eval()
     install_attention_processors(unet, restored, None)
     restored.set_condition(*condition)
     with torch.no_grad():
@@ -281,7 +328,7 @@ def test_lora_weights_round_trip_through_safetensors(model_dirs, tmp_path):
         smaller.load(path)
 
 
-def test_sgd_optimizer_clips_the_gradient_norm_at_five():
+def test_optimizer_kinds_clip_normalize_and_skip_zero_gradients():
     weight = torch.nn.Parameter(torch.zeros(3, 4))
     optimizer = make_cg_lora_optimizer([weight], "sgd")
     weight.grad = torch.full((3, 4), 10.0)  # norm 10 * sqrt(12)
@@ -289,6 +336,57 @@ def test_sgd_optimizer_clips_the_gradient_norm_at_five():
     assert norm == pytest.approx(10.0 * 12**0.5, rel=1e-6)
     assert weight.detach().norm().item() == pytest.approx(1e-5 * 5.0, rel=1e-5)
     assert optimizer.param_groups[0]["lr"] == 1e-5
+    weight.grad = torch.full((3, 4), 1e-3)  # below the clip: plain SGD
+    before = weight.detach().clone()
+    optimizer.step()
+    assert (before - weight.detach()).norm().item() == pytest.approx(1e-5 * 1e-3 * 12**0.5, rel=1e-5)
+    weight.grad = torch.zeros(3, 4)
+    before = weight.detach().clone()
+    assert make_cg_lora_optimizer([weight]).step() == 0.0
+    assert torch.equal(weight.detach(), before)
     assert make_cg_lora_optimizer([weight], "adamw").param_groups[0]["lr"] == 1e-4
     with pytest.raises(CGLoRAError):
         make_cg_lora_optimizer([weight], "lion")
+    with pytest.raises(CGLoRAError, match="max_grad_norm"):
+        make_cg_lora_optimizer([weight], "normalized_sgd", max_grad_norm=None)
+
+
+def test_adapted_linear_equals_the_method_einsum():
+    """METHOD: A (d_in x r) = reshape of concat(P_t f_t, P_c f_c); output W0 x + scale B (A^T x).
+    A hand-written einsum over known weights equals the adapter's output (dropout off)."""
+    d_in, d_out, feature, rank = 6, 5, 3, 4
+    adapter = CGLoRALinear(d_in, d_out, feature, rank=rank, scale=0.1, dropout=0.1).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    w0 = torch.nn.Linear(d_in, d_out)
+    x = torch.randn(2, 7, d_in, generator=g)
+    f_t, f_c = torch.randn(2, feature, generator=g), torch.randn(2, feature, generator=g)
+    p_t = adapter.text_projection[1].weight @ adapter.text_projection[0].weight  # (d_in r / 2, D)
+    p_c = adapter.camera_projection[1].weight @ adapter.camera_projection[0].weight
+    concat = torch.cat([f_t @ p_t.T, f_c @ p_c.T], dim=-1)  # (N, d_in r)
+    a = concat.reshape(2, d_in, rank)  # row-major: the text fills input channels 0 .. d_in/2 - 1
+    b = adapter.up.weight  # (d_out, r)
+    expected = w0(x) + 0.1 * torch.einsum("or,nir,nli->nlo", b, a, x)
+    with torch.no_grad():
+        assert torch.allclose(w0(x) + adapter(x, f_t, f_c), expected, atol=1e-5, rtol=1e-5)
+    # The text half of A sits in the first half of the input channels.
+    assert torch.allclose(adapter.down(f_t, f_c)[:, : d_in // 2].reshape(2, -1), f_t @ p_t.T, atol=1e-6)
+
+
+def test_dropout_masks_come_from_the_call_seed_only():
+    """The same call seed gives the same mask (a checkpointed recomputation draws what the forward
+    drew); torch's global stream is never touched."""
+    adapter = CGLoRALinear(8, 8, 4, dropout=0.5)
+    with torch.no_grad():
+        adapter.up.weight.fill_(1.0)
+    x, f = torch.ones(1, 3, 8), torch.ones(1, 4)
+    torch.manual_seed(0)
+    global_state = torch.get_rng_state()
+    a, b, c = adapter(x, f, f, 5), adapter(x, f, f, 5), adapter(x, f, f, 6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a == 0).any() and (a != 0).any()
+    assert torch.equal(torch.get_rng_state(), global_state)
+    with pytest.raises(CGLoRAError, match="seed"):
+        adapter(x, f, f, None)

@@ -141,3 +141,147 @@ def test_render_bad_resolution_and_views(capsys, tmp_path):
     code, err = run_cli(capsys, "render", str(mesh), "--out", str(tmp_path / "v"), "--views", "-3")
     assert_user_error(code, err, "views")
     assert not (tmp_path / "v").exists()
+
+
+# ----- nothing is touched before everything is checked (issue: never lose a user's data) ----------
+
+
+def _finished_run(tmp_path) -> Path:
+    """A folder that looks like a finished run to --overwrite (marker, config, report, outputs)."""
+    run = tmp_path / "old_run"
+    for name in ["export", "checkpoints", "geometry"]:
+        (run / name).mkdir(parents=True)
+    (run / ".xdreamer-run").write_text("xdreamer 0.1.0\n")
+    (run / "config.yaml").write_text("prompt: an old cube\n")
+    (run / "report.json").write_text('{"status": "done", "versions": {"xdreamer": "0.1.0"}}')
+    (run / "export" / "model.glb").write_bytes(b"glTF old asset")
+    return run
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--seed", "99999999999999999999"], "seed must be in [0, 2^63)"),
+        (["--seed", "-1"], "seed must be in [0, 2^63)"),
+        (["negative_prompt=${oops}"], "negative_prompt"),
+        (["camera.radius={a: 1}"], "camera.radius"),
+        (["camera.radius=[3]"], "camera.radius must be two numbers"),
+        (["camera.radius=[0.1,0.1]"], "camera.radius must be more than"),
+        (["camera.fov_deg=[0,0]"], "camera.fov_deg must satisfy 1 <= min"),
+        (["camera.fov_deg=[1,2,3]"], "camera.fov_deg must be two numbers"),
+        (["appearance.lr=nan"], "appearance.lr must be a finite number"),
+        (["geometry.lr=0"], "geometry.lr must be positive"),
+        (["export.texture_size=3"], "export.texture_size must be in [16, 8192]"),
+        (["--views", "1000"], "views must be in [1, 64]"),
+        (["--views", "64", "geometry.render_resolution=2048"], "use --views"),
+        (["nosuch=5"], "unknown config key 'nosuch'"),
+        (["ama.norm=l2"], "ama.norm='l2' is not one of"),
+    ],
+)
+def test_overwrite_checks_everything_before_deleting(capsys, tmp_path, extra, fragment):
+    run = _finished_run(tmp_path)
+    before = _snapshot(run)
+    code, err = run_cli(capsys, "generate", "a red cube", "--model", "toy", "--preset", "toy", "--out", str(run),
+                        "--overwrite", *extra)
+    assert_user_error(code, err, fragment)
+    assert _snapshot(run) == before
+
+
+def test_unknown_key_without_a_near_match_gets_no_misleading_suggestion(capsys, tmp_path):
+    code, err = run_cli(capsys, "generate", "a cube", "--out", str(tmp_path / "r"), "nosuch=5")
+    assert_user_error(code, err, "unknown config key 'nosuch'")
+    assert "did you mean" not in err and "sections:" in err
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(capsys, tmp_path):
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.c").write_text("int main(void) { return 0; }\n")
+    (project / "config.yaml").write_text("prompt: not ours\n")
+    before = _snapshot(project)
+    code, err = run_cli(capsys, "generate", "a red cube", "--model", "toy", "--out", str(project), "--overwrite")
+    assert_user_error(code, err, "--overwrite only replaces an xdreamer run")
+    assert _snapshot(project) == before
+
+
+def test_overwrite_refuses_a_run_holding_foreign_files(capsys, tmp_path):
+    run = _finished_run(tmp_path)
+    (run / "notes.txt").write_text("my notes")
+    before = _snapshot(run)
+    code, err = run_cli(capsys, "generate", "a red cube", "--model", "toy", "--out", str(run), "--overwrite")
+    assert_user_error(code, err, "notes.txt")
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("- just\n- a list\n", "must hold a mapping"),
+        ("prompt: x\ngeometry:\n  itres: 5\n", "did you mean 'geometry.iters'"),
+        ("prompt: x\ncamera:\n  radius: {a: 1}\n", "camera.radius"),
+        ("prompt: [unclosed\n", "cannot read config file"),
+    ],
+)
+def test_config_file_of_the_wrong_shape(capsys, tmp_path, text, fragment):
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    code, err = run_cli(capsys, "generate", "a cube", "--out", str(tmp_path / "r"), "--config", str(config))
+    assert_user_error(code, err, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_emoji_prompts_get_distinct_folders():
+    from xdreamer.pipeline import slug
+
+    assert slug("a red cube!") == "a_red_cube"
+    assert slug("🚀🚀") != slug("🌵") and slug("🚀🚀").startswith("run_")
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--texture-size", "-5"], "--texture-size must be in [16, 8192]"),
+        (["--texture-size", "100000"], "--texture-size must be in [16, 8192]"),
+        (["--texture-size", "0"], "--texture-size must be in [16, 8192]"),
+        (["--format", ""], "--format is empty"),
+        (["--format", "fbx"], "export format 'fbx'"),
+    ],
+)
+def test_export_bad_options(capsys, tmp_path, argv, fragment):
+    run = _finished_run(tmp_path)
+    before = _snapshot(run)
+    code, err = run_cli(capsys, "export", str(run), *argv)
+    assert_user_error(code, err, fragment)
+    assert _snapshot(run) == before
+
+
+def test_render_out_is_a_file_or_unwritable(capsys, tmp_path):
+    import trimesh
+
+    mesh = tmp_path / "box.obj"
+    trimesh.creation.box().export(mesh)
+    existing = tmp_path / "a_file.txt"
+    existing.write_text("keep")
+    code, err = run_cli(capsys, "render", str(mesh), "--out", str(existing))
+    assert_user_error(code, err, "is not a directory")
+    assert existing.read_text() == "keep"
+    code, err = run_cli(capsys, "render", str(mesh), "--out", "/proc/xdreamer_views")
+    assert_user_error(code, err, "not writable")
+
+
+def test_resume_after_editing_a_structural_key(capsys, tmp_path):
+    run = tmp_path / "run"
+    code = main(["generate", "a red cube", "--model", "toy", "--preset", "toy", "--out", str(run), "--seed", "3",
+                 "init.steps=5", "geometry.grid_resolution=16", "geometry.iters=2", "geometry.render_resolution=32",
+                 "appearance.iters=0", "export.texture_size=32", "export.turntable_frames=2",
+                 "export.turntable_resolution=32", "ama.start_geometry=0"])
+    assert code == 0
+    capsys.readouterr()
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("encoding: frequency", "encoding: hash", 1))
+    code, err = run_cli(capsys, "resume", str(run))
+    assert_user_error(code, err, "changed geometry.encoding ('frequency' -> 'hash')")

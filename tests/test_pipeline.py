@@ -1,5 +1,6 @@
 """`xdreamer generate` end to end: every file of the run directory, the GLB with its textures, exact
-resume after kill -9, and the latent (VAE + CG-LoRA + AMA) path through a tiny SD-shaped model."""
+resume after kill -9 and after Ctrl-C followed by a restore, the run directory's lock, and the
+latent (VAE + CG-LoRA + AMA) path through a tiny SD-shaped model."""
 
 import json
 import os
@@ -39,8 +40,15 @@ def generate(out: Path, *extra, model="toy"):
     return cli("generate", "a red cube", "--model", model, "--preset", "toy", "--out", str(out), *TINY, *extra)
 
 
+def checkpoint(run: Path, name: str = "good") -> dict:
+    from xdreamer.rundir import read_checkpoint
+
+    return read_checkpoint(run / "checkpoints" / f"{name}.safetensors")
+
+
 def check_run_dir(run: Path) -> dict:
-    for name in ["config.yaml", "report.json", "run.log", "checkpoints/last.pt", "turntable.mp4",
+    for name in ["config.yaml", "report.json", "progress.json", "run.log", ".xdreamer-run", "turntable.mp4",
+                 "checkpoints/good.safetensors", "checkpoints/previous.safetensors",
                  "export/model.glb", "export/model.obj", "export/model.mtl", "geometry/mesh.ply",
                  "geometry/validation_init.png", "geometry/validation_final.png",
                  "appearance/validation_final.png"]:
@@ -50,6 +58,11 @@ def check_run_dir(run: Path) -> dict:
     assert report["status"] == "done" and report["prompt"] == "a red cube"
     assert {"init", "geometry", "appearance", "export"} <= set(report["timings_s"])
     assert report["skipped_nan_steps"] == 0
+    assert report["mesh"]["pieces"] >= 1 and "pieces_removed" in report["mesh"]
+    assert set(report["outputs"]) == {"glb", "obj", "turntable"}
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["status"] == "done" and progress["stage"] == "done"
+    assert not (run / "checkpoints" / "stop.safetensors").exists()
     frames = list(iio.imiter(run / "turntable.mp4"))
     assert len(frames) == 4 and frames[0].shape == (64, 64, 3)
     scene = trimesh.load(run / "export" / "model.glb")
@@ -108,8 +121,11 @@ def test_kill_and_resume_gives_the_same_asset(tmp_path):
     # Kill -9 once the geometry stage has checkpointed at least once past init.
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (killed / "checkpoints" / "last.pt").is_file():
-            state = torch.load(killed / "checkpoints" / "last.pt", weights_only=False)
+        if (killed / "checkpoints" / "good.safetensors").is_file():
+            try:
+                state = checkpoint(killed)["state"]
+            except Exception:  # being replaced right now
+                continue
             if state["stage"] == "geometry" and state["step"] >= 2:
                 break
         time.sleep(0.05)
@@ -136,7 +152,7 @@ def test_sigterm_checkpoints_and_prints_resume(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     deadline = time.time() + 300
-    while time.time() < deadline and not (run / "checkpoints" / "last.pt").is_file():
+    while time.time() < deadline and not (run / "checkpoints" / "good.safetensors").is_file():
         time.sleep(0.05)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
@@ -144,7 +160,8 @@ def test_sigterm_checkpoints_and_prints_resume(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM
     assert f"xdreamer resume {run}" in out
     assert "Traceback" not in err
-    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    stopped = "stop" if (run / "checkpoints" / "stop.safetensors").is_file() else "good"
+    state = checkpoint(run, stopped)["state"]
     report = json.loads((run / "report.json").read_text())
     assert report["status"] == "stopped" and report["step"] == state["step"]
 
@@ -156,8 +173,7 @@ def test_latent_sd_model_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = check_run_dir(run)
     assert report["final_losses"]["geometry/ama"] >= 0.0
-    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
-    lora = state["cg_lora"]
+    lora = checkpoint(run)["guide"]["cg_lora"]
     assert any(k.startswith("camera_mlp") for k in lora)
     # AMA trained CG-LoRA: its zero-initialized up matrices have moved.
     ups = [v for k, v in lora.items() if k.endswith("up.weight")]
@@ -206,9 +222,10 @@ def test_persistent_nan_restores_the_last_checkpoint(tmp_path, monkeypatch):
 
     from xdreamer import pipeline
     from xdreamer.config import load_config
+    from xdreamer.pipeline import guide
 
     model = make_tiny_pixel_model(tmp_path / "tiny_pixel")
-    real = pipeline.score_distillation
+    real = guide.score_distillation
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -218,20 +235,150 @@ def test_persistent_nan_restores_the_last_checkpoint(tmp_path, monkeypatch):
             return dataclasses.replace(out, loss=out.loss * float("nan"))
         return out
 
-    monkeypatch.setattr(pipeline, "score_distillation", poisoned)
+    monkeypatch.setattr(guide, "score_distillation", poisoned)
     overrides = [t for t in TINY if "=" in t] + ["max_nan_skips=2", "geometry.iters=8", "appearance.iters=2"]
     cfg = load_config(preset="toy", prompt="a red cube", overrides=overrides, model=str(model), views=1, device="cpu")
     assert pipeline.generate(cfg, tmp_path / "run") == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["status"] == "done"
     assert report["skipped_nan_steps"] == 5
-    # Skips 1-3 exceed max_nan_skips=2: one restore; skips 4-5 after it stay within the limit.
-    assert [r["reason"] for r in report["restored_checkpoints"]] == ["non-finite losses persisted"]
-    assert report["restored_checkpoints"][0]["stage"] == "geometry"
+    # Skips 1-3 (steps 3-5) exceed max_nan_skips=2: one restore, at step 5 back to the regular
+    # checkpoint of step 2; skips 4-5 after it stay within the limit.
+    [restore] = report["restored_checkpoints"]
+    assert restore["reason"] == "non-finite losses persisted" and restore["stage"] == "geometry"
+    assert (restore["step"], restore["returned_to"], restore["redone"]) == (5, 2, 3)
     # The replay runs at half the geometry learning rate, and the checkpoint keeps it.
-    assert report["restored_checkpoints"][0]["lr"] == cfg.geometry.lr / 2
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
-    assert [g["lr"] for g in state["geometry_optimizer"]["param_groups"]] == [cfg.geometry.lr / 2] * len(
-        state["geometry_optimizer"]["param_groups"]
-    )
+    assert restore["lr"] == cfg.geometry.lr / 2
+    state = checkpoint(tmp_path / "run")
+    assert {g["lr"] for g in state["geometry_optimizer"]["param_groups"]} == {cfg.geometry.lr / 2}
     assert all(torch.isfinite(v).all() for v in state["geometry"].values())
+
+
+def _fault_run(tmp_path, monkeypatch, name: str, stop_at: int | None):
+    """A tiny toy run whose mesh "collapses" once, at geometry step 6 (a forced restore); with
+    `stop_at`, Ctrl-C arrives during that step, and the run is resumed in a new Run."""
+    from xdreamer import pipeline
+    from xdreamer.config import load_config
+    from xdreamer.pipeline.run import Run
+
+    real = Run._one_step
+
+    def one_step(self, stage):
+        s = self.state
+        if stop_at is not None and s.stage == "geometry" and s.step == stop_at and not s.restores:
+            os.kill(os.getpid(), signal.SIGINT)  # the real Ctrl-C path: the handler sets the flag
+        if s.stage == "geometry" and s.step == 6 and not s.restores:
+            self.restore_last_good("the mesh collapsed to nothing")
+            return "restored"
+        return real(self, stage)
+
+    monkeypatch.setattr(Run, "_one_step", one_step)
+    overrides = [t for t in TINY if "=" in t] + ["checkpoint_every=4", "geometry.iters=10"]
+    cfg = load_config(preset="toy", prompt="a red cube", overrides=overrides, views=2, seed=3, device="cpu")
+    run = tmp_path / name
+    code = pipeline.generate(cfg, run)
+    if stop_at is not None:
+        assert code == 128 + signal.SIGINT
+        assert checkpoint(run, "stop")["state"]["step"] == stop_at + 1
+        assert checkpoint(run, "good")["state"]["step"] == 4
+        assert pipeline.resume(run) == 0
+    else:
+        assert code == 0
+    return run
+
+
+def test_ctrl_c_then_a_restore_replays_the_uninterrupted_run_exactly(tmp_path, monkeypatch, capsys):
+    """The stop checkpoint is never a restore target and the random streams are rewound: a run
+    stopped at geometry step 5, resumed, then sent back by a collapse at step 6 goes back to the
+    regular checkpoint of step 4, exactly as the uninterrupted run does, and ends bit for bit equal."""
+    reference = _fault_run(tmp_path, monkeypatch, "reference", stop_at=None)
+    assert "back to step 4 (2 steps to redo)" in capsys.readouterr().err
+    interrupted = _fault_run(tmp_path, monkeypatch, "interrupted", stop_at=4)
+    for run in (reference, interrupted):
+        report = json.loads((run / "report.json").read_text())
+        [restore] = report["restored_checkpoints"]
+        assert (restore["step"], restore["returned_to"], restore["redone"]) == (6, 4, 2)
+        assert report["status"] == "done"
+    a, b = asset_arrays(reference), asset_arrays(interrupted)
+    assert a.keys() == b.keys() and len(a) >= 5
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    state_a, state_b = checkpoint(reference), checkpoint(interrupted)
+    for key in ("geometry", "material"):
+        for name, value in state_a[key].items():
+            assert torch.equal(value, state_b[key][name]), f"{key}.{name}"
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    from xdreamer.rundir import RunError, read_checkpoint, write_checkpoint
+
+    state = {"step": 3, "weights": torch.arange(6.0), "nested": {"betas": (0.9, 0.99), "none": None}}
+    path = tmp_path / "good.safetensors"
+    write_checkpoint(path, state)
+    loaded = read_checkpoint(path)
+    assert torch.equal(loaded["weights"], state["weights"]) and loaded["nested"] == state["nested"]
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # one bit inside the tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(RunError, match="damaged"):
+        read_checkpoint(path)
+
+    run = tmp_path / "run"
+    assert generate(run).returncode == 0
+    good = run / "checkpoints" / "good.safetensors"
+    data = bytearray(good.read_bytes())
+    data[-5] ^= 0x01
+    good.write_bytes(bytes(data))
+    result = cli("export", str(run), "--format", "glb", "--texture-size", "32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "damaged" in result.stderr and "previous checkpoint" in result.stderr
+
+
+def test_a_second_process_on_a_running_run_gets_one_line(tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "xdreamer.cli", "generate", "a red cube", "--model", "toy", "--preset", "toy",
+         "--out", str(run), *TINY, "geometry.iters=300"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "progress.json").is_file():
+        time.sleep(0.05)
+    try:
+        for argv in (["generate", "a blue cone", "--model", "toy", "--out", str(run), "--overwrite"], ["resume", str(run)]):
+            second = cli(*argv)
+            assert second.returncode == 2, second.stderr
+            assert second.stderr.strip().splitlines() == [second.stderr.strip()]
+            assert f"in use by another xdreamer process (pid {first.pid})" in second.stderr
+        assert json.loads((run / "report.json").read_text())["prompt"] == "a red cube"
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGINT
+    # The lock went with its process: export now answers about the run itself (not finished yet).
+    after = cli("export", str(run))
+    assert after.returncode == 2 and "not finished" in after.stderr and "in use" not in after.stderr
+
+
+def test_an_interrupted_export_leaves_one_whole_set_of_files(tmp_path):
+    from xdreamer.rundir import remove_temporaries, replace_folder
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "model.obj").write_text("old")
+    # An export killed after the swap renamed the old folder away but before the new one went in,
+    # plus a half-written file and folder of that export.
+    (run / "export").rename(run / "export.old")
+    (run / "export.tmp4242").mkdir()
+    (run / "export.tmp4242" / "model.obj").write_text("half")
+    (run / "geometry").mkdir()
+    (run / "geometry" / ".mesh.tmp4242.ply").write_text("half")
+    removed = remove_temporaries(run)
+    assert sorted(p.name for p in removed) == [".mesh.tmp4242.ply", "export.tmp4242"]
+    assert (run / "export" / "model.obj").read_text() == "old" and not (run / "export.old").exists()
+    new = run / "export.tmp1"
+    new.mkdir()
+    (new / "model.obj").write_text("new")
+    replace_folder(new, run / "export")
+    assert (run / "export" / "model.obj").read_text() == "new" and not (run / "export.old").exists()

@@ -3,12 +3,14 @@ and dotted command-line overrides (`geometry.iters=500`) with OmegaConf."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PAPER_MODEL = "stabilityai/stable-diffusion-2-1-base"
@@ -42,6 +44,11 @@ class GeometryConfig:
     grid_scale: float = 2.1
     encoding: str = "hash"  # hash | frequency
     hash_log2_table_size: int = 19
+    frequency_count: int = 6  # sin/cos octaves of the frequency encoding
+    # Largest vertex offset in world units; empty: 1 / grid_resolution, the authors' bound (about
+    # half a cell at scale 2.1). On this project's Kuhn grid a tetrahedron can invert beyond 1/6
+    # of a cell per axis: grid_scale / (6 * grid_resolution) rules that out.
+    max_offset: float | None = None
     iters: int = 3000
     lr: float = 1e-3
     render_resolution: int = 512
@@ -52,6 +59,17 @@ class GeometryConfig:
     weighting_early: str = "sds"
     weighting: str = "fantasia3d"
     guidance_scale: float = 100.0
+    # Appended to the prompt for the normal-map renders of this stage (", normal map" for the toy
+    # model, which was trained with it; SD keeps the prompt as it is).
+    prompt_suffix: str = ""
+    # Regularizers (0 = off, as in the authors' code): mesh normal consistency, uniform Laplacian
+    # smoothness, and nvdiffrec's SDF sign regularizer on the grid edges that cross the surface.
+    normal_consistency_weight: float = 0.0
+    laplacian_weight: float = 0.0
+    sdf_weight: float = 0.0
+    # Loose pieces with less than this fraction of the largest piece's area are dropped from the
+    # stage's final mesh (0 keeps everything); see xdreamer/geometry/cleanup.py for the choice.
+    min_piece_fraction: float = 0.02
 
 
 @dataclass
@@ -70,6 +88,9 @@ class AppearanceConfig:
     # The occlusion output darkens shading uniformly, which SDS cannot tell from a darker kd;
     # off by default so the baked albedo stays true (appearance.occlusion=true learns it).
     occlusion: bool = False
+    # Largest tilt of the learned normal perturbation from the surface normal, degrees
+    # (METHOD's xy in [-1, 1], z in [0, 1] allows 90).
+    max_normal_tilt_deg: float = 90.0
     environment: str = ""  # .hdr/.exr path; empty: the project's procedural sky
     environment_scale: float = 2.0
     background: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
@@ -79,8 +100,14 @@ class AppearanceConfig:
 class CGLoRAConfig:
     enabled: bool = True
     rank: int = 4
-    targets: str = "cross"  # cross (the authors' code) | all
-    optimizer: str = "sgd"  # sgd (the authors': lr 1e-5, clip 5) | adamw
+    targets: str = "all"  # all (the paper: every attention's linear embeddings) | cross (the authors' code)
+    scale: float = 0.1  # the update's scale (the authors'; the paper's formula: 1)
+    dropout: float = 0.1  # on the update (the authors'; the paper's formula: 0)
+    # normalized_sgd: SGD on the gradient rescaled to norm grad_clip, a step of length lr * grad_clip
+    # (5e-5 with the defaults) -- what the authors' SGD(1e-5) + clip(5) does to gradients still
+    # multiplied by their GradScaler (x65536). sgd: that optimizer on unscaled gradients (barely
+    # moves). adamw: AdamW with the same clip.
+    optimizer: str = "normalized_sgd"
     lr: float = 1e-5
     grad_clip: float = 5.0
 
@@ -89,13 +116,36 @@ class CGLoRAConfig:
 class AMAConfig:
     enabled: bool = True
     weight: float = 0.1
-    layers: str = "all"  # all (paper) | last (what the authors' code ends up using)
+    # all: every cross-attention layer, mean over layers (the paper). last: only the last
+    # highest-resolution map, still divided by the number of layers -- what the authors' code
+    # computes (an assignment in its loop keeps the last term, then divides by 7), so with
+    # weight 0.1 its effective weight is 0.1/7 on that one map.
+    layers: str = "all"
     scores: str = "softmax"  # softmax (paper) | pre_softmax (the authors' code)
-    norm: str = "l1"  # l1 | l2
-    token: int = -1  # -1: the end-of-text token; otherwise a token index
+    norm: str = "l1"  # l1: mean |A - mask| (the authors') | mse: mean (A - mask)^2
+    normalize: str = "sample"  # min-max per view (paper) | batch: over the whole batch (the authors')
+    # eot: the end-of-text column. eot_pair: the mean of the prompt's and the empty prompt's
+    # end-of-text columns (what the authors' indexing computes). An integer: that token's column.
+    token: str = "eot"
     start_geometry: int = 1000
     start_appearance: int = 500
     visualize_every: int = 500
+    # Every this many steps the attention-mask alignment (IoU of the thresholded maps with the
+    # mask, per map resolution) is measured and recorded, with AMA on or off (0: never).
+    diagnose_every: int = 10
+
+
+@dataclass
+class RenderConfig:
+    backend: str = "auto"  # auto (nvdiffrast when a CUDA context can be made, else torch) | torch | nvdiffrast
+
+
+@dataclass
+class GuidanceConfig:
+    attention_slicing: bool = False  # sliced attention in the UNet and VAE: less memory, slower
+    cpu_offload: bool = False  # the text encoder stays on the CPU (it runs once per prompt)
+    gradient_checkpointing: bool = False  # recompute UNet activations in AMA's backward: less memory
+    loss_scaling: bool = True  # dynamic loss scaling of the backward through a half-precision UNet
 
 
 @dataclass
@@ -115,6 +165,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     views: int = 4  # cameras per step, azimuth-stratified
+    direction_prompts: bool = True  # "{prompt}, front view" etc. per camera; false: the prompt alone
     half_precision: bool = True  # fp16 UNet on CUDA; always fp32 on CPU
     checkpoint_every: int = 100
     validate_every: int = 500
@@ -125,6 +176,8 @@ class RunConfig:
     appearance: AppearanceConfig = field(default_factory=AppearanceConfig)
     cg_lora: CGLoRAConfig = field(default_factory=CGLoRAConfig)
     ama: AMAConfig = field(default_factory=AMAConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
@@ -132,27 +185,77 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("xdreamer.presets").iterdir() if p.name.endswith(".yaml"))
 
 
-def _valid_keys(node, prefix: str = "") -> list[str]:
+def _valid_keys(schema: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the config schema, read from the dataclasses (no values touched)."""
     keys = []
-    for key, value in node.items():
-        dotted = f"{prefix}{key}"
+    for f in dataclasses.fields(schema):
+        dotted = f"{prefix}{f.name}"
         keys.append(dotted)
-        if isinstance(value, DictConfig):
-            keys.extend(_valid_keys(value, dotted + "."))
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type in _SECTIONS):
+            keys.extend(_valid_keys(_SECTIONS[f.type] if isinstance(f.type, str) else f.type, dotted + "."))
     return keys
+
+
+def _nearest_key(key: str) -> str | None:
+    """The valid key a typo most likely meant, or None when nothing is close."""
+    valid = _valid_keys()
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    leaf = key.rsplit(".", 1)[-1]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+    match = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.8)
+    return leaves[match[0]] if match else None
 
 
 def _merge(base: DictConfig, other, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or ""
+        key = str(getattr(exc, "full_key", None) or "")
         if "not in struct" in str(exc) or "Key '" in str(exc) and "not in" in str(exc):
-            nearest = difflib.get_close_matches(str(key), _valid_keys(base), n=1, cutoff=0.0)
-            hint = f" (did you mean '{nearest[0]}'?)" if nearest else ""
+            nearest = _nearest_key(key)
+            hint = f" (did you mean '{nearest}'?)" if nearest else f" (sections: {', '.join(_SECTIONS_ORDER)})"
             raise ConfigError(f"unknown config key '{key}' in {source}{hint}") from None
         message = str(exc).splitlines()[0]
         raise ConfigError(f"bad value for '{key}' in {source}: {message}") from None
+    except (ValueError, TypeError, AttributeError) as exc:
+        key = _mismatched_key(base, other)
+        where = f"for '{key}' " if key else ""
+        raise ConfigError(f"bad value {where}in {source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _mismatched_key(base, other, prefix: str = "") -> str | None:
+    """The first dotted key where `other` puts a mapping, a list or a scalar where `base` has
+    another kind of value (OmegaConf's own error does not name it)."""
+    if not isinstance(other, (dict, DictConfig)):
+        return None
+    for key in other:
+        dotted = f"{prefix}{key}"
+        if not isinstance(base, DictConfig) or key not in base:
+            continue
+        mine, theirs = base._get_node(key), other[key]
+        kinds = [
+            "map" if isinstance(v, (dict, DictConfig)) else "list" if isinstance(v, (list, ListConfig)) else "value"
+            for v in (mine, theirs)
+        ]
+        if kinds[0] != kinds[1]:
+            return dotted
+        if kinds[0] == "map":
+            found = _mismatched_key(mine, theirs, dotted + ".")
+            if found:
+                return found
+    return None
+
+
+def _resolved(cfg: DictConfig, source: str) -> DictConfig:
+    """The config with every ${...} interpolation resolved, or a one-line error naming the key."""
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as exc:
+        key = str(getattr(exc, "full_key", None) or "")
+        raise ConfigError(f"bad value for '{key}' in {source}: {str(exc).splitlines()[0]}") from None
+    return _merge(OmegaConf.structured(RunConfig), container, source)
 
 
 def load_config(
@@ -163,7 +266,9 @@ def load_config(
 ) -> DictConfig:
     """Resolve a run config: dataclass defaults < preset < config file < explicit args < overrides.
 
-    `explicit` holds the dedicated command-line flags (prompt, model, seed, ...); None means unset."""
+    `explicit` holds the dedicated command-line flags (prompt, model, seed, ...); None means unset.
+    The result has no interpolations left and passes `check_config`; every problem is a one-line
+    ConfigError."""
     cfg = OmegaConf.structured(RunConfig)
     if preset is not None:
         if preset not in preset_names():
@@ -178,6 +283,8 @@ def load_config(
             loaded = OmegaConf.load(path)
         except Exception as exc:
             raise ConfigError(f"cannot read config file {path}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {path} must hold a mapping of keys (like a run's config.yaml), not a {type(loaded).__name__}")
         cfg = _merge(cfg, loaded, str(path))
     set_flags = {k: v for k, v in explicit.items() if v is not None}
     if set_flags:
@@ -191,9 +298,17 @@ def load_config(
         except OmegaConfBaseException as exc:
             raise ConfigError(f"cannot parse override '{item}': {str(exc).splitlines()[0]}") from None
         cfg = _merge(cfg, dotlist, f"override '{item}'")
+    cfg = _resolved(cfg, "the config")
     check_config(cfg)
     return cfg
 
+
+_SECTIONS = {
+    "CameraConfig": CameraConfig, "InitConfig": InitConfig, "GeometryConfig": GeometryConfig,
+    "AppearanceConfig": AppearanceConfig, "CGLoRAConfig": CGLoRAConfig, "AMAConfig": AMAConfig,
+    "RenderConfig": RenderConfig, "GuidanceConfig": GuidanceConfig, "ExportConfig": ExportConfig,
+}
+_SECTIONS_ORDER = [f.name for f in dataclasses.fields(RunConfig) if isinstance(f.type, str) and f.type in _SECTIONS]
 
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
@@ -203,39 +318,134 @@ _CHOICES = {
     "geometry.weighting": ("sds", "fantasia3d", "uniform"),
     "appearance.weighting": ("sds", "fantasia3d", "uniform"),
     "appearance.metallic": ("learned", "zero"),
-    "cg_lora.targets": ("cross", "all"),
-    "cg_lora.optimizer": ("sgd", "adamw"),
+    "cg_lora.targets": ("all", "cross"),
+    "cg_lora.optimizer": ("normalized_sgd", "sgd", "adamw"),
     "ama.layers": ("all", "last"),
     "ama.scores": ("softmax", "pre_softmax"),
-    "ama.norm": ("l1", "l2"),
+    "ama.norm": ("l1", "mse"),
+    "ama.normalize": ("sample", "batch"),
+    "render.backend": ("auto", "torch", "nvdiffrast"),
 }
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a 64-bit integer
+# (key, low, high): inclusive bounds of sizes that a run would otherwise fail on late or run out of memory with.
+_INT_BOUNDS = [
+    ("views", 1, 64),
+    ("geometry.grid_resolution", 8, 512),
+    ("geometry.render_resolution", 16, 2048),
+    ("appearance.render_resolution", 16, 2048),
+    ("export.texture_size", 16, 8192),
+    ("export.turntable_frames", 1, 3600),
+    ("export.turntable_resolution", 16, 4096),
+    ("export.fps", 1, 240),
+    ("checkpoint_every", 1, 10**9),
+    ("max_nan_skips", 1, 10**6),
+    ("cg_lora.rank", 2, 256),
+    ("geometry.hash_log2_table_size", 10, 24),
+    ("appearance.hash_log2_table_size", 10, 24),
+    ("geometry.frequency_count", 1, 16),
+]
+_NON_NEGATIVE_INTS = ["geometry.iters", "appearance.iters", "init.steps", "geometry.latent_phase_iters",
+                      "appearance.t_switch", "validate_every", "ama.start_geometry", "ama.start_appearance",
+                      "ama.visualize_every", "ama.diagnose_every"]
+_POSITIVE = ["init.lr", "geometry.lr", "appearance.lr", "cg_lora.lr", "geometry.grid_scale",
+             "appearance.environment_scale"]
+_NON_NEGATIVE = ["ama.weight", "geometry.guidance_scale", "appearance.guidance_scale", "camera.jitter",
+                 "cg_lora.grad_clip", "cg_lora.scale", "geometry.normal_consistency_weight",
+                 "geometry.laplacian_weight", "geometry.sdf_weight", "geometry.min_piece_fraction"]
+
+
+def _floats(node, prefix: str = ""):
+    """(dotted key, value) of every float in the config, lists included."""
+    for key in node:
+        value = node[key]
+        dotted = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            yield from _floats(value, dotted + ".")
+        elif isinstance(value, ListConfig):
+            yield from ((dotted, v) for v in value if isinstance(v, float))
+        elif isinstance(value, float):
+            yield dotted, value
+
+
+def _range(cfg: DictConfig, key: str, low: float, high: float) -> tuple[float, float]:
+    """A [min, max] pair of numbers within [low, high]."""
+    value = list(OmegaConf.select(cfg, key))
+    if len(value) != 2 or not all(isinstance(v, (int, float)) for v in value):
+        raise ConfigError(f"{key} must be two numbers [min, max], got {value}")
+    lo, hi = float(value[0]), float(value[1])
+    if not low <= lo <= hi <= high:
+        raise ConfigError(f"{key} must satisfy {low:g} <= min <= max <= {high:g}, got [{lo:g}, {hi:g}]")
+    return lo, hi
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Value checks OmegaConf's types cannot express; raises ConfigError with one line."""
+    """Value checks OmegaConf's types cannot express; raises ConfigError with one line. Everything
+    a run would otherwise trip over later (after hours, or after deleting an old run) fails here."""
     if OmegaConf.is_missing(cfg, "prompt") or not str(cfg.prompt).strip():
         raise ConfigError("the prompt is empty: give a text prompt, e.g. xdreamer generate \"a red cube\"")
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
-    positive = ["views", "geometry.grid_resolution", "geometry.render_resolution", "appearance.render_resolution",
-                "export.texture_size", "export.turntable_frames", "export.turntable_resolution", "checkpoint_every",
-                "cg_lora.rank", "export.fps"]
-    for key in positive:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
-    for key in ["geometry.iters", "appearance.iters", "init.steps", "geometry.latent_phase_iters"]:
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be in [0, 2^63), got {cfg.seed}")
+    for key, value in _floats(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+    for key, low, high in _INT_BOUNDS:
+        value = OmegaConf.select(cfg, key)
+        if not low <= value <= high:
+            raise ConfigError(f"{key} must be in [{low}, {high}], got {value}")
+    for key in _NON_NEGATIVE_INTS:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
-    if not 8 <= cfg.geometry.grid_resolution <= 512:
-        raise ConfigError(f"geometry.grid_resolution must be in [8, 512], got {cfg.geometry.grid_resolution}")
+    for key in _POSITIVE:
+        if not OmegaConf.select(cfg, key) > 0:
+            raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    for key in _NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
     for key in ["geometry.t_range_early", "geometry.t_range", "appearance.t_range_early", "appearance.t_range"]:
-        lo, hi = OmegaConf.select(cfg, key)
+        lo, hi = _range(cfg, key, 0.0, 1.0)
         if not 0.0 < lo <= hi < 1.0:
-            raise ConfigError(f"{key} must satisfy 0 < min <= max < 1, got [{lo}, {hi}]")
-    if len(cfg.init.radii) != 3 or min(cfg.init.radii) <= 0:
-        raise ConfigError(f"init.radii must be three positive numbers, got {list(cfg.init.radii)}")
+            raise ConfigError(f"{key} must satisfy 0 < min <= max < 1, got [{lo:g}, {hi:g}]")
+    # The camera must stay outside the grid's box, or it renders the object from inside.
+    outside = cfg.geometry.grid_scale * math.sqrt(3) / 2
+    lo, _ = _range(cfg, "camera.radius", 0.0, 1000.0)
+    if lo <= outside:
+        raise ConfigError(
+            f"camera.radius must be more than {outside:.2f} (outside the grid of scale {cfg.geometry.grid_scale:g}), got {lo:g}"
+        )
+    _range(cfg, "camera.fov_deg", 1.0, 170.0)
+    _range(cfg, "camera.elevation_deg", -90.0, 90.0)
+    lo, hi = _range(cfg, "camera.azimuth_deg", -360.0, 360.0)
+    if hi - lo > 360.0:
+        raise ConfigError(f"camera.azimuth_deg spans more than 360 degrees: [{lo:g}, {hi:g}]")
+    if not 0.0 <= cfg.camera.jitter < 1.0:
+        raise ConfigError(f"camera.jitter must be in [0, 1), got {cfg.camera.jitter}")
+    radii = list(cfg.init.radii)
+    if len(radii) != 3 or min(radii) <= 0 or max(radii) >= cfg.geometry.grid_scale / 2:
+        raise ConfigError(
+            f"init.radii must be three numbers in (0, {cfg.geometry.grid_scale / 2:g}) (inside the grid), got {radii}"
+        )
+    if len(cfg.appearance.background) != 3:
+        raise ConfigError(f"appearance.background must be three numbers (RGB), got {list(cfg.appearance.background)}")
+    if not 0.0 < cfg.appearance.max_normal_tilt_deg <= 90.0:
+        raise ConfigError(f"appearance.max_normal_tilt_deg must be in (0, 90], got {cfg.appearance.max_normal_tilt_deg}")
+    if not 0.0 <= cfg.cg_lora.dropout < 1.0:
+        raise ConfigError(f"cg_lora.dropout must be in [0, 1), got {cfg.cg_lora.dropout}")
+    if cfg.cg_lora.rank % 2:
+        raise ConfigError(f"cg_lora.rank must be even (text and camera halves), got {cfg.cg_lora.rank}")
+    if cfg.cg_lora.optimizer == "normalized_sgd" and not cfg.cg_lora.grad_clip > 0:
+        raise ConfigError("cg_lora.grad_clip must be positive with the normalized_sgd optimizer (it is the step length / lr)")
+    if cfg.ama.token not in ("eot", "eot_pair") and not str(cfg.ama.token).isdigit():
+        raise ConfigError(f"ama.token must be eot, eot_pair or a token index, got {cfg.ama.token!r}")
+    if cfg.geometry.max_offset is not None and not cfg.geometry.max_offset > 0:
+        raise ConfigError(f"geometry.max_offset must be positive (or empty for the authors' bound), got {cfg.geometry.max_offset}")
+    if not 0.0 <= cfg.geometry.min_piece_fraction < 1.0:
+        raise ConfigError(f"geometry.min_piece_fraction must be in [0, 1), got {cfg.geometry.min_piece_fraction}")
+    if not cfg.export.formats:
+        raise ConfigError("export.formats is empty: give at least one of glb, obj")
     for fmt in cfg.export.formats:
         if fmt not in ("glb", "obj"):
             raise ConfigError(f"export format '{fmt}' is not one of: glb, obj")

@@ -3,6 +3,8 @@ PBR parameters at every surface point (Fantasia3D / X-Dreamer)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -18,7 +20,9 @@ class MaterialNetwork(nn.Module):
     """positions (N, 3) world -> dict of PBR channels, `render_pbr`'s material_fn contract:
     kd (N, 3) in kd_range, occlusion (N, 1) in occlusion_range, roughness (N, 1) in
     roughness_range, metallic (N, 1) in [0, 1] (or 0 with metallic="zero", as the authors' code),
-    normal_perturbation (N, 3): tangent-space normal, xy in [-1, 1], z in [0, 1].
+    normal_perturbation (N, 3): tangent-space normal, xy in [-1, 1], z in [0, 1] (METHOD's), or
+    with `max_normal_tilt_deg` < 90: z = 1 and xy in [-a, a], a = tan(max tilt) / sqrt(2), so the
+    perturbed normal leans at most that far from the surface normal.
 
     Positions are normalized to [0, 1] over `bbox` (the mesh's box padded by `padding` of its
     size), encoded by a hash grid (or frequencies) and decoded by one hidden layer of 32 into
@@ -34,10 +38,14 @@ class MaterialNetwork(nn.Module):
         occlusion_range: tuple[float, float] = (0.0, 1.0),
         hidden: int = 32,
         log2_table_size: int = 19,
+        max_normal_tilt_deg: float = 90.0,
     ) -> None:
         super().__init__()
         if metallic not in ("learned", "zero"):
             raise MaterialError(f"metallic must be 'learned' or 'zero', got {metallic!r}")
+        if not 0.0 < max_normal_tilt_deg <= 90.0:
+            raise MaterialError(f"max_normal_tilt_deg must be in (0, 90], got {max_normal_tilt_deg}")
+        self.max_normal_tilt_deg = float(max_normal_tilt_deg)
         if encoding == "hash":
             self.encoding = HashEncoding(
                 n_levels=16, features_per_level=2, log2_table_size=log2_table_size, base_resolution=16, finest_resolution=4096
@@ -78,5 +86,12 @@ class MaterialNetwork(nn.Module):
             "occlusion": ranged(out[:, 3:4], "occlusion"),
             "roughness": ranged(out[:, 4:5], "roughness"),
             "metallic": metallic,
-            "normal_perturbation": torch.cat([out[:, 6:8] * 2 - 1, out[:, 8:9]], dim=-1),
+            "normal_perturbation": self._normal_perturbation(out[:, 6:9]),
         }
+
+    def _normal_perturbation(self, raw: torch.Tensor) -> torch.Tensor:
+        """(N, 3) sigmoid outputs -> tangent-space normals within the tilt bound."""
+        if self.max_normal_tilt_deg >= 90.0:
+            return torch.cat([raw[:, :2] * 2 - 1, raw[:, 2:3]], dim=-1)
+        half_width = math.tan(math.radians(self.max_normal_tilt_deg)) / math.sqrt(2)
+        return torch.cat([(raw[:, :2] * 2 - 1) * half_width, torch.ones_like(raw[:, 2:3])], dim=-1)

@@ -51,24 +51,29 @@ class AttentionRecorder:
         self.variant = variant
         self.layers = layers
         self.token_index: torch.Tensor | None = None
+        self._device_index: torch.Tensor | None = None
         self._maps: list[torch.Tensor] = []
         self._best_length = 0
+        self._closed = False
 
     def set_token_index(self, token_index: torch.Tensor | list[int]) -> None:
         """token_index: (B,) or (B, K) long, the text token(s) of each conditional sample whose
         attention is recorded (the end-of-text index by default); K columns are averaged."""
-        index = torch.as_tensor(token_index, dtype=torch.long)
+        # Kept on the CPU: the bounds check in `record` then reads no device memory.
+        index = torch.as_tensor(token_index, dtype=torch.long).cpu()
         if index.ndim == 1:
             index = index[:, None]
         if index.ndim != 2 or index.shape[0] == 0:
             raise AMAError(f"token_index must be (B,) or (B, K), got shape {tuple(index.shape)}")
         self.token_index = index
+        self._device_index = None
         self.reset()
 
     def reset(self) -> None:
-        """Forget the maps of the previous UNet call."""
+        """Forget the maps of the previous UNet call and keep the next call's."""
         self._maps = []
         self._best_length = 0
+        self._closed = False
 
     @property
     def maps(self) -> list[torch.Tensor]:
@@ -76,9 +81,15 @@ class AttentionRecorder:
         return list(self._maps)
 
     def take(self) -> list[torch.Tensor]:
-        """Return the recorded maps and reset, ready for the next UNet call."""
+        """Return the recorded maps; keep no others until `reset` or `set_token_index`.
+
+        Under gradient checkpointing the backward pass runs the attention processors again, and
+        with them `record`; what they record then is not kept (it would hold its graph until the
+        next call). `wants` keeps answering as in the forward pass (the largest map size stays
+        known), so the recomputation does the same work the forward did, as checkpointing needs."""
         maps = self.maps
-        self.reset()
+        self._maps = []
+        self._closed = True
         return maps
 
     def wants(self, query_length: int) -> bool:
@@ -99,9 +110,11 @@ class AttentionRecorder:
             raise AMAError(f"UNet call batch {n} is smaller than the {batch} recorded samples")
         if not self.wants(length):
             return
-        index = self.token_index.to(query.device)
-        if int(index.max()) >= key.shape[2]:
-            raise AMAError(f"token index {int(index.max())} is outside the {key.shape[2]} text tokens")
+        if int(self.token_index.max()) >= key.shape[2]:
+            raise AMAError(f"token index {int(self.token_index.max())} is outside the {key.shape[2]} text tokens")
+        if self._device_index is None or self._device_index.device != query.device:
+            self._device_index = self.token_index.to(query.device)  # once per device, not per layer
+        index = self._device_index
         # Scores in at least float32: fp16 logsumexp over 77 tokens loses the small columns.
         dtype = torch.promote_types(query.dtype, torch.float32)
         q = query[n - batch :].to(dtype)
@@ -122,6 +135,8 @@ class AttentionRecorder:
         if side * side != length:
             raise AMAError(f"cross-attention over {length} image tokens is not a square latent grid")
         attention = attention.view(batch, side, side)
+        if self._closed:
+            return
         if self.layers == "last":
             self._maps = [attention]
             self._best_length = length
@@ -129,9 +144,16 @@ class AttentionRecorder:
             self._maps.append(attention)
 
 
-def normalize_map(attention: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(B, h, w) -> (B, h, w) min-max normalized to [0, 1] per sample: (A - min) / (max - min + eps)."""
-    flat = attention.flatten(1)
+NORMALIZE = ("sample", "batch")
+
+
+def normalize_map(attention: torch.Tensor, eps: float = 1e-6, per: str = "sample") -> torch.Tensor:
+    """(B, h, w) -> (B, h, w) min-max normalized to [0, 1]: (A - min) / (max - min + eps), the
+    extremes taken per sample ("sample", the paper's per-map normalization) or over the whole
+    batch ("batch", what the authors' code does)."""
+    if per not in NORMALIZE:
+        raise AMAError(f"AMA normalization must be one of {NORMALIZE}, got {per!r}")
+    flat = attention.flatten(1) if per == "sample" else attention.reshape(1, -1)
     low = flat.min(dim=1).values[:, None, None]
     high = flat.max(dim=1).values[:, None, None]
     return (attention - low) / (high - low + eps)
@@ -145,14 +167,17 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return image[:, 0]
 
 
-def ama_loss(maps: list[torch.Tensor], mask: torch.Tensor, norm: str = "l1", eps: float = 1e-6) -> torch.Tensor:
+def ama_loss(
+    maps: list[torch.Tensor], mask: torch.Tensor, norm: str = "l1", normalize: str = "sample", eps: float = 1e-6
+) -> torch.Tensor:
     """Attention-mask alignment loss, unweighted (the caller multiplies by lambda, 0.1 by default).
 
-    maps: list of (B, h_i, w_i) attention maps; mask: (B, H, W, 1) object coverage in [0, 1].
-    norm "l1": mean |norm(A_i) - mask_i|; "l2": mean squared difference. Averaged over layers.
-    Returns a scalar."""
-    if norm not in ("l1", "l2"):
-        raise AMAError(f"AMA norm must be 'l1' or 'l2', got {norm!r}")
+    maps: list of (B, h_i, w_i) attention maps; mask: (B, H, W, 1) object coverage in [0, 1]. The
+    mask is not detached: the loss also reaches the geometry through the rendered silhouette, as
+    in the authors' code. norm "l1": mean |norm(A_i) - mask_i| (the authors'); "mse": mean squared
+    difference. `normalize`: see `normalize_map`. Averaged over the maps. Returns a scalar."""
+    if norm not in ("l1", "mse"):
+        raise AMAError(f"AMA norm must be 'l1' or 'mse', got {norm!r}")
     if not maps:
         raise AMAError("ama_loss needs at least one attention map (was the recorder installed?)")
     if mask.ndim != 4 or mask.shape[-1] != 1:
@@ -162,9 +187,31 @@ def ama_loss(maps: list[torch.Tensor], mask: torch.Tensor, norm: str = "l1", eps
         if attention.shape[0] != mask.shape[0]:
             raise AMAError(f"attention map batch {attention.shape[0]} != mask batch {mask.shape[0]}")
         target = resize_mask(mask.to(attention.device, attention.dtype), tuple(attention.shape[-2:]))
-        difference = normalize_map(attention, eps) - target
+        difference = normalize_map(attention, eps, normalize) - target
         total = total + (difference.abs().mean() if norm == "l1" else difference.square().mean())
     return total / len(maps)
+
+
+@torch.no_grad()
+def map_mask_iou(attention: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """(B, h, w) attention, (B, H, W, 1) mask -> (B,) IoU of {normalized attention > threshold}
+    with {mask resized to the map > threshold}; 1 where both are empty."""
+    attention = attention.detach().float()
+    target = resize_mask(mask.detach().to(attention.device, attention.dtype), tuple(attention.shape[-2:])) > threshold
+    predicted = normalize_map(attention) > threshold
+    intersection = (predicted & target).flatten(1).sum(1).float()
+    union = (predicted | target).flatten(1).sum(1).float()
+    return torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
+
+
+def attention_mask_iou(maps: list[torch.Tensor], mask: torch.Tensor, threshold: float = 0.5) -> dict[int, float]:
+    """How well SD's attention sits on the object, the quantity AMA exists to raise: `map_mask_iou`
+    averaged over the views and the maps of each resolution. Returns {side: IoU}, largest side
+    first (e.g. {16: 0.41, 8: 0.55})."""
+    by_side: dict[int, list[float]] = {}
+    for attention in maps:
+        by_side.setdefault(int(attention.shape[-1]), []).extend(map_mask_iou(attention, mask, threshold).tolist())
+    return {side: sum(values) / len(values) for side, values in sorted(by_side.items(), reverse=True)}
 
 
 def _heat(values: np.ndarray) -> np.ndarray:
@@ -178,21 +225,30 @@ def save_attention_visualization(
     path: str | Path, render: torch.Tensor, mask: torch.Tensor, maps: list[torch.Tensor]
 ) -> Path:
     """Write the paper's attention figure as one PNG grid: a row per view, columns
-    render | mask | each layer's normalized attention map, upsampled to the render's size.
+    render | mask | each layer's normalized attention map, upsampled to the render's size, each
+    map labelled with its `map_mask_iou` (the alignment AMA raises).
 
     render: (B, H, W, 3) in [0, 1]; mask: (B, H, W, 1) in [0, 1]; maps: list of (B, h_i, w_i)."""
+    from PIL import Image, ImageDraw
+
     render = render.detach().float().clamp(0, 1).cpu()
     batch, height, width, _ = render.shape
     columns = [render, mask.detach().float().clamp(0, 1).cpu().expand(-1, -1, -1, 3)]
+    ious = []
     for attention in maps:
+        if attention.shape[0] != batch:
+            raise AMAError("render, mask and maps must share the batch size")
         normalized = normalize_map(attention.detach().float().cpu())[:, None]
         upsampled = F.interpolate(normalized, size=(height, width), mode="bilinear", align_corners=False)
         columns.append(torch.from_numpy(_heat(upsampled[:, 0].clamp(0, 1).numpy())).float())
+        ious.append(map_mask_iou(attention.cpu(), mask.cpu()).tolist())
     grid = torch.cat([torch.cat(list(row), dim=1) for row in zip(*columns)], dim=0)
-    if grid.shape != (batch * height, len(columns) * width, 3):
-        raise AMAError("render, mask and maps must share the batch size")
-    image = (grid.numpy() * 255.0 + 0.5).astype(np.uint8)
+    image = Image.fromarray((grid.numpy() * 255.0 + 0.5).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for column, values in enumerate(ious, start=2):
+        for row, iou in enumerate(values):
+            draw.text((column * width + 3, row * height + 2), f"IoU {iou:.2f}", fill=(255, 255, 255))
     path = Path(path)
     with atomic_path(path) as tmp:
-        iio.imwrite(tmp, image, extension=".png")
+        iio.imwrite(tmp, np.asarray(image), extension=".png")
     return path

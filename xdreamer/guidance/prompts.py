@@ -133,20 +133,21 @@ class TextConditioner:
         self._cache[prompt] = embedding
         return embedding
 
-    def prepare(self, prompt: str, labels: tuple[str, ...] = VIEW_LABELS) -> None:
-        """Embed every direction-aware prompt and the negative prompt, so that the text encoder
-        can be released afterwards."""
+    def prepare(self, prompt: str, labels: tuple[str, ...] | None = VIEW_LABELS) -> None:
+        """Embed every direction-aware prompt (the prompt alone when `labels` is None) and the
+        negative prompt, so that the text encoder can be released afterwards."""
         if not prompt.strip():
             raise PromptError("the prompt is empty; describe the object to generate, e.g. 'a red chair'")
         self.encode(self.negative_prompt)
-        for label in labels:
-            self.encode(direction_prompt(prompt, label))
+        for label in labels if labels is not None else [None]:
+            self.encode(prompt.strip() if label is None else direction_prompt(prompt, label))
 
-    def views(self, prompt: str, labels: list[str]) -> ViewConditioning:
-        """Conditioning for B views of `prompt`, one view label each."""
+    def views(self, prompt: str, labels: list[str | None]) -> ViewConditioning:
+        """Conditioning for B views of `prompt`, one view label each (None: the prompt alone,
+        without a direction)."""
         if not prompt.strip():
             raise PromptError("the prompt is empty; describe the object to generate, e.g. 'a red chair'")
-        prompts = [direction_prompt(prompt, label) for label in labels]
+        prompts = [prompt.strip() if label is None else direction_prompt(prompt, label) for label in labels]
         cond = [self.encode(p) for p in prompts]
         uncond = [self.encode(self.negative_prompt)] * len(prompts)
 

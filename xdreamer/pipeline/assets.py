@@ -1,0 +1,71 @@
+"""The finished asset: UV unwrap, bake, GLB and OBJ + MTL + PNG, the turntable video.
+
+The export folder is replaced as one unit: everything is written into `export.tmpPID/` beside
+it, then swapped in (`rundir.replace_folder`), so an interrupted export never leaves textures of
+one size beside an OBJ whose UVs belong to another."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xdreamer.export.bake import bake_textures, unwrap
+from xdreamer.export.gltf import write_glb
+from xdreamer.export.obj import write_obj
+from xdreamer.export.video import write_video
+from xdreamer.mesh import Mesh, save_mesh
+from xdreamer.render.camera import orbit_cameras
+from xdreamer.render.light import EnvironmentLight
+from xdreamer.render.raster import Rasterizer
+from xdreamer.render.shade import render_textured
+from xdreamer.rundir import RunPaths, replace_folder
+
+FORMATS = ("glb", "obj")
+
+
+def export_asset(
+    paths: RunPaths,
+    mesh: Mesh,
+    material: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    light: EnvironmentLight,
+    rasterizer: Rasterizer,
+    formats: list[str],
+    texture_size: int,
+    turntable_frames: int,
+    turntable_resolution: int,
+    fps: int,
+    background: tuple[float, float, float],
+    device: torch.device,
+) -> dict[str, str]:
+    """Write the asset of `mesh` with `material` into the run's export folder (replaced as one
+    unit), `geometry/mesh.ply` and `turntable.mp4`. Returns {kind: path} of what was written."""
+    unwrapped = unwrap(mesh, texture_size=texture_size)
+    with torch.no_grad():
+        textures = bake_textures(unwrapped, material, size=texture_size, backend=rasterizer)
+    tmp = paths.root / f"export.tmp{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    written = {}
+    if "glb" in formats:
+        write_glb(tmp / "model.glb", unwrapped, textures)
+        written["glb"] = str(paths.export / "model.glb")
+    if "obj" in formats:
+        write_obj(tmp / "model.obj", unwrapped, textures)
+        written["obj"] = str(paths.export / "model.obj")
+    replace_folder(tmp, paths.export)
+    save_mesh(mesh, paths.geometry / "mesh.ply")
+    cameras = orbit_cameras(turntable_frames, elevation=15.0)
+    frames = []
+    with torch.no_grad():
+        for i in range(0, len(cameras), 8):
+            out = render_textured(
+                unwrapped, cameras[i : i + 8].to(device), turntable_resolution, textures, light,
+                background=background, backend=rasterizer,
+            )
+            frames.extend((out["rgb"].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
+    write_video(frames, paths.turntable, fps=fps)
+    written["turntable"] = str(paths.turntable)
+    return written

@@ -1,0 +1,183 @@
+"""One guidance step: score distillation (+ AMA) of a batch of renders through the frozen diffusion
+model, with the direction-aware prompts, CG-LoRA's camera condition, the attention recorder and the
+attention-mask alignment diagnostic. The stages call it; it knows nothing about meshes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from xdreamer.distributed import DataParallel
+from xdreamer.guidance.ama import AttentionRecorder, ama_loss, attention_mask_iou
+from xdreamer.guidance.cg_lora import CameraGuidedLoRA, CameraMLP, install_attention_processors, make_cg_lora_optimizer
+from xdreamer.guidance.loader import GuidanceModel
+from xdreamer.guidance.prompts import VIEW_LABELS, TextConditioner
+from xdreamer.guidance.sds import TimestepSchedule, score_distillation
+from xdreamer.pipeline.state import part_seed, seeded
+from xdreamer.render.camera import Cameras
+
+
+@dataclass
+class GuideOutput:
+    """losses: "sds", "ama" (when on) and "total" = sds + ama.weight * ama, scalar tensors;
+    skipped: the SDS gradient was not finite and was zeroed; maps: the recorded attention maps,
+    each (B, h, w), when recorded; alignment: {map side: IoU} when measured."""
+
+    losses: dict[str, torch.Tensor]
+    skipped: bool
+    maps: list[torch.Tensor] | None
+    alignment: dict[int, float] | None
+
+
+class GuidanceStep:
+    """The guidance side of a run: prompts, CG-LoRA and its optimizer, the AMA recorder."""
+
+    def __init__(
+        self, cfg: DictConfig, guidance: GuidanceModel, device: torch.device, dp: DataParallel,
+        generator: torch.Generator,
+    ):
+        self.cfg = cfg
+        self.guidance = guidance
+        self.device = device
+        self.dp = dp
+        self.generator = generator
+        self.text = TextConditioner(guidance, negative_prompt=cfg.negative_prompt)
+        labels = VIEW_LABELS if cfg.direction_prompts else None
+        # Every prompt the run can ask for is embedded now, so the text encoder's memory goes
+        # back before the first step.
+        for stage in ("geometry", "appearance"):
+            self.text.prepare(self.prompt(stage), labels)
+        guidance.release_text_encoder()
+
+        self.cg_lora: CameraGuidedLoRA | None = None
+        self.optimizer = None
+        c = cfg.cg_lora
+        if c.enabled:
+            with seeded(cfg.seed, "camera_mlp"):
+                camera_mlp = CameraMLP(self.text.feature_dim)
+            with seeded(cfg.seed, "cg_lora"):
+                self.cg_lora = CameraGuidedLoRA(
+                    guidance.unet, self.text.feature_dim, rank=c.rank, targets=c.targets, scale=c.scale,
+                    dropout=c.dropout, seed=part_seed(cfg.seed, "cg_lora_dropout"), camera_mlp=camera_mlp,
+                ).to(device)
+            # The camera MLP trains with the stage's AdamW (as in the authors' code); the
+            # adapters with their own optimizer.
+            self.optimizer = make_cg_lora_optimizer(
+                self.cg_lora.up_parameters(), kind=c.optimizer, lr=c.lr, max_grad_norm=c.grad_clip
+            )
+        # The recorder is built even without AMA: the alignment diagnostic reads its maps.
+        self.recorder = AttentionRecorder(
+            variant="paper" if cfg.ama.scores == "softmax" else "code", layers=cfg.ama.layers
+        )
+        # The recorder is wired in only for the calls that read it, so other steps pay nothing.
+        self._recording = False
+        install_attention_processors(guidance.unet, self.cg_lora, None)
+
+    def prompt(self, stage: str) -> str:
+        """The prompt of a stage: the geometry stage's normal maps may carry `geometry.prompt_suffix`."""
+        prompt = self.cfg.prompt.strip()
+        return prompt + self.cfg.geometry.prompt_suffix if stage == "geometry" else prompt
+
+    @property
+    def camera_parameters(self) -> list[torch.nn.Parameter]:
+        """The camera MLP's parameters (trained by the stage optimizers), [] without CG-LoRA."""
+        return [] if self.cg_lora is None else list(self.cg_lora.camera_mlp.parameters())
+
+    @property
+    def adapter_parameters(self) -> list[torch.nn.Parameter]:
+        return [] if self.cg_lora is None else self.cg_lora.up_parameters()
+
+    def _token_index(self, text) -> torch.Tensor:
+        token = str(self.cfg.ama.token)
+        if token == "eot":
+            return text.cond_eot
+        if token == "eot_pair":
+            return torch.stack([text.cond_eot, text.uncond_eot], dim=1)
+        return torch.full_like(text.cond_eot, int(token))
+
+    def __call__(
+        self,
+        stage: str,
+        model_input: torch.Tensor,
+        cameras: Cameras,
+        mask: torch.Tensor,
+        t_range: tuple[float, float],
+        weighting: str,
+        guidance_scale: float,
+        ama_on: bool,
+        diagnose: bool,
+    ) -> GuideOutput:
+        """SDS (+ AMA) on one batch. model_input: (B, C, h, w) latents or pixels, differentiable;
+        cameras: the B views; mask: (B, H, W, 1) coverage; ama_on: add the AMA loss (the UNet then
+        runs under autograd); diagnose: measure the attention-mask alignment."""
+        cfg = self.cfg
+        batch = model_input.shape[0]
+        labels = cameras.view_labels(cfg.camera.overhead_elevation) if cfg.direction_prompts else [None] * batch
+        text = self.text(self.prompt(stage), labels)
+        record = ama_on or diagnose
+        if record != self._recording:
+            install_attention_processors(self.guidance.unet, self.cg_lora, self.recorder if record else None)
+            self._recording = record
+        # CG-LoRA's condition for the [uncond; cond] batch of 2B, in float32 even when the UNet
+        # runs in half precision.
+        text_features = torch.cat([text.uncond_features, text.cond_features]).float()
+        camera_features = cameras.features().to(self.device).float().repeat(2, 1)
+        token_index = self._token_index(text) if record else None
+
+        def before_unet(rows: slice) -> None:
+            # Each UNet call sees its own rows of the batch (AMA runs the halves separately); the
+            # recorder starts afresh, so only the last call's (conditional) rows are kept.
+            if self.cg_lora is not None:
+                self.cg_lora.set_condition(text_features[rows], camera_features[rows])
+            if record:
+                self.recorder.set_token_index(token_index)
+        world = self.dp.world
+        schedule = TimestepSchedule(*t_range)
+        t = self.dp.own(schedule.sample(batch * world, self.generator, self.guidance.num_train_timesteps), batch)
+        noise = self.dp.own(torch.randn((batch * world, *model_input.shape[1:]), generator=self.generator), batch)
+        sds = score_distillation(
+            self.guidance, model_input, text.cond, text.uncond, t.to(self.device), noise.to(self.device),
+            guidance_scale=guidance_scale, weighting=weighting, unet_grad=ama_on, before_unet=before_unet,
+        )
+        losses = {"sds": sds.loss}
+        total = sds.loss
+        maps = self.recorder.take() if record else None
+        if ama_on:
+            losses["ama"] = ama_loss(maps, mask, norm=cfg.ama.norm, normalize=cfg.ama.normalize)
+            total = total + cfg.ama.weight * losses["ama"]
+        losses["total"] = total
+        alignment = attention_mask_iou(maps, mask) if diagnose and maps else None
+        return GuideOutput(losses, sds.skipped, maps, alignment)
+
+    def zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        """Step the adapters (their optimizer rescales the gradient first)."""
+        if self.optimizer is not None:
+            self.optimizer.step()
+
+    def state_dict(self) -> dict:
+        if self.cg_lora is None:
+            return {}
+        return {
+            "cg_lora": self.cg_lora.lora_state_dict(),
+            "cg_lora_optimizer": self.optimizer.state_dict(),
+            "dropout_generator": self.cg_lora.generator_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.cg_lora is None or "cg_lora" not in state:
+            return
+        self.cg_lora.load_lora_state_dict(state["cg_lora"])
+        self.optimizer.load_state_dict(state["cg_lora_optimizer"])
+        self.cg_lora.set_generator_state(state["dropout_generator"])
+
+    def save_adapters(self, path: Path) -> None:
+        """The adapters + camera MLP on their own (safetensors), for use outside xdreamer."""
+        if self.cg_lora is not None:
+            self.cg_lora.save(path)

@@ -1,0 +1,219 @@
+"""The two stages of X-Dreamer: each renders a batch of views of what it optimizes, hands them to
+the guidance, adds its own regularizers and returns the losses; the run does the backward pass,
+the checkpoints and the restores.
+
+Geometry: a DMTet network (SDF + offsets over a tet grid) rendered as world-space normal maps
+(as [normal, mask] latents in the early phase of a latent model). Appearance: a material network
+over the fixed mesh, rendered with split-sum PBR shading."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from xdreamer.appearance.material import MaterialNetwork
+from xdreamer.atomic import atomic_path
+from xdreamer.geometry.cleanup import remove_small_pieces, topology_report
+from xdreamer.geometry.dmtet import DMTetGeometry, marching_tetrahedra
+from xdreamer.geometry.init import MeshSDF, ellipsoid_sdf, fit_geometry_to_sdf, normalize_mesh
+from xdreamer.geometry.regularizers import laplacian_smoothness, normal_consistency, sdf_sign_regularizer, tet_edges
+from xdreamer.guidance.ama import save_attention_visualization
+from xdreamer.guidance.sds import normal_mask_latents
+from xdreamer.mesh import Mesh, load_mesh
+from xdreamer.pipeline.guide import GuidanceStep, GuideOutput
+from xdreamer.pipeline.state import seeded
+from xdreamer.render.camera import Cameras, orbit_cameras
+from xdreamer.render.light import EnvironmentLight
+from xdreamer.render.passes import render_geometry
+from xdreamer.render.raster import Rasterizer
+from xdreamer.render.shade import render_pbr
+
+
+def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
+    # METHOD's settings for both stages' networks (and the camera MLP, as in the authors' code).
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.99), eps=1e-15)
+
+
+def grid_image(images: torch.Tensor) -> np.ndarray:
+    """(B, H, W, 3) in [0, 1] -> one (H, B*W, 3) uint8 strip."""
+    strip = torch.cat(list(images.detach().float().cpu().clamp(0, 1)), dim=1)
+    return (strip.numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    import imageio.v3 as iio
+
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, image)
+
+
+class GeometryStage:
+    """The DMTet geometry, its optimizer (with the camera MLP's group) and one step of it."""
+
+    name = "geometry"
+
+    def __init__(
+        self, cfg: DictConfig, device: torch.device, guide: GuidanceStep, rasterizer: Rasterizer,
+        generator: torch.Generator,
+    ):
+        self.cfg, self.device, self.guide, self.rasterizer, self.generator = cfg, device, guide, rasterizer, generator
+        g = cfg.geometry
+        with seeded(cfg.seed, "geometry"):
+            self.geometry = DMTetGeometry(
+                grid_resolution=g.grid_resolution, grid_scale=g.grid_scale, encoding=g.encoding,
+                hash_log2_table_size=g.hash_log2_table_size, frequency_count=g.frequency_count,
+                max_offset=g.max_offset,
+            ).to(device)
+        self.optimizer = self.make_optimizer(g.lr)
+        self._edges: torch.Tensor | None = None
+
+    def make_optimizer(self, lr: float) -> torch.optim.AdamW:
+        return _adamw([{"params": list(self.geometry.parameters())}, {"params": self.guide.camera_parameters}], lr)
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.geometry.parameters()) + self.guide.camera_parameters
+
+    def initialize(self) -> list[float]:
+        """Fit the SDF to the initial shape (ellipsoid or the user's mesh); the stage optimizer
+        starts fresh afterwards. Returns the fit's losses."""
+        i = self.cfg.init
+        target = ellipsoid_sdf(list(i.radii)) if i.shape == "ellipsoid" else MeshSDF(normalize_mesh(load_mesh(i.shape)))
+        losses = fit_geometry_to_sdf(
+            self.geometry, target, target.sample_surface, generator=self.generator, steps=i.steps, lr=i.lr
+        )
+        self.optimizer = self.make_optimizer(self.cfg.geometry.lr)
+        return losses
+
+    def _mesh_and_sdf(self) -> tuple[Mesh, torch.Tensor]:
+        sdf, offset = self.geometry.sdf_and_offset()
+        verts, faces = marching_tetrahedra(self.geometry.deformed_vertices(offset), self.geometry.tets, sdf)
+        return Mesh(vertices=verts, faces=faces), sdf
+
+    def step(self, step: int, cameras: Cameras, diagnose: bool, attention_png: Path | None) -> GuideOutput | None:
+        """One geometry step: the guidance output with the regularizers added to its losses (and
+        to "total"); None when the mesh has collapsed to nothing."""
+        cfg, g = self.cfg, self.cfg.geometry
+        mesh, sdf = self._mesh_and_sdf()
+        if mesh.faces.shape[0] == 0:
+            return None
+        out = render_geometry(mesh, cameras.to(self.device), g.render_resolution, backend=self.rasterizer)
+        normal, mask = out["normal"], out["mask"]
+        if self.guide.guidance.is_latent and step < g.latent_phase_iters:
+            model_input = normal_mask_latents(normal, mask, self.guide.guidance.sample_size)
+            t_range, weighting = g.t_range_early, g.weighting_early
+        else:
+            model_input = self.guide.guidance.encode_images((normal * 0.5 + 0.5) * mask)
+            t_range, weighting = g.t_range, g.weighting
+        ama_on = cfg.ama.enabled and step >= cfg.ama.start_geometry
+        result = self.guide(
+            "geometry", model_input, cameras, mask, tuple(t_range), weighting, g.guidance_scale, ama_on,
+            diagnose or attention_png is not None,
+        )
+        losses = result.losses
+        if g.normal_consistency_weight > 0:
+            losses["normal_consistency"] = normal_consistency(mesh)
+            losses["total"] = losses["total"] + g.normal_consistency_weight * losses["normal_consistency"]
+        if g.laplacian_weight > 0:
+            losses["laplacian"] = laplacian_smoothness(mesh)
+            losses["total"] = losses["total"] + g.laplacian_weight * losses["laplacian"]
+        if g.sdf_weight > 0:
+            if self._edges is None:
+                self._edges = tet_edges(self.geometry.tets)
+            losses["sdf"] = sdf_sign_regularizer(sdf, self._edges)
+            losses["total"] = losses["total"] + g.sdf_weight * losses["sdf"]
+        if attention_png is not None and result.maps:
+            save_attention_visualization(attention_png, (normal * 0.5 + 0.5) * mask, mask, result.maps)
+        return result
+
+    def validate(self, path: Path) -> None:
+        with torch.no_grad():
+            out = render_geometry(self.geometry(), orbit_cameras(4).to(self.device), 256, backend=self.rasterizer)
+        write_png(path, grid_image((out["normal"] * 0.5 + 0.5) * out["mask"]))
+
+    @torch.no_grad()
+    def final_mesh(self) -> tuple[Mesh, dict]:
+        """The stage's result: the extracted mesh without loose pieces smaller than
+        `geometry.min_piece_fraction` of the largest, and what was found and removed."""
+        mesh = self.geometry().detach()
+        dropped = []
+        if self.cfg.geometry.min_piece_fraction > 0 and mesh.faces.shape[0]:
+            mesh, dropped = remove_small_pieces(mesh, self.cfg.geometry.min_piece_fraction)
+        return mesh, topology_report(mesh, dropped) if mesh.faces.shape[0] else {"pieces": 0}
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def state_dict(self) -> dict:
+        return {"geometry": self.geometry.state_dict(), "geometry_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.geometry.load_state_dict(state["geometry"])
+        self.optimizer.load_state_dict(state["geometry_optimizer"])
+
+
+class AppearanceStage:
+    """The material network over the fixed mesh, its optimizer (with the camera MLP's group), the
+    environment light, and one step of it."""
+
+    name = "appearance"
+
+    def __init__(
+        self, cfg: DictConfig, device: torch.device, guide: GuidanceStep, rasterizer: Rasterizer,
+        mesh: Mesh, light: Callable[[], EnvironmentLight],
+    ):
+        self.cfg, self.device, self.guide, self.rasterizer, self.mesh, self.light = cfg, device, guide, rasterizer, mesh, light
+        a = cfg.appearance
+        with seeded(cfg.seed, "material"):
+            self.material = MaterialNetwork.for_mesh(
+                mesh, encoding=a.encoding, metallic=a.metallic, log2_table_size=a.hash_log2_table_size,
+                occlusion_range=(0.0, 1.0) if a.occlusion else (0.0, 0.0), max_normal_tilt_deg=a.max_normal_tilt_deg,
+            )
+        self.material = self.material.to(device)
+        self.optimizer = _adamw([{"params": list(self.material.parameters())}, {"params": guide.camera_parameters}], a.lr)
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.material.parameters()) + self.guide.camera_parameters
+
+    def step(self, step: int, cameras: Cameras, diagnose: bool, attention_png: Path | None) -> GuideOutput:
+        cfg, a = self.cfg, self.cfg.appearance
+        out = render_pbr(
+            self.mesh, cameras.to(self.device), a.render_resolution, self.material, self.light(),
+            background=tuple(a.background), backend=self.rasterizer,
+        )
+        rgb, mask = out["rgb"], out["mask"]
+        model_input = self.guide.guidance.encode_images(rgb)
+        t_range = a.t_range_early if step < a.t_switch else a.t_range
+        ama_on = cfg.ama.enabled and step >= cfg.ama.start_appearance
+        result = self.guide(
+            "appearance", model_input, cameras, mask, tuple(t_range), a.weighting, a.guidance_scale, ama_on,
+            diagnose or attention_png is not None,
+        )
+        if attention_png is not None and result.maps:
+            save_attention_visualization(attention_png, rgb, mask, result.maps)
+        return result
+
+    def validate(self, path: Path) -> None:
+        with torch.no_grad():
+            out = render_pbr(
+                self.mesh, orbit_cameras(4).to(self.device), 256, self.material, self.light(),
+                background=tuple(self.cfg.appearance.background), backend=self.rasterizer,
+            )
+        write_png(path, grid_image(out["rgb"]))
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def state_dict(self) -> dict:
+        return {"material": self.material.state_dict(), "material_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.material.load_state_dict(state["material"])
+        self.optimizer.load_state_dict(state["material_optimizer"])

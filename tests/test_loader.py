@@ -314,3 +314,19 @@ def test_ddpm_schedule_from_sd21s_pndm_config_without_warnings(tmp_path):
     v_config = dict(SD21_SCHEDULER_CONFIG, prediction_type="v_prediction")  # SD 2.1 (768)
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(v_config))
     assert loader.ddpm_schedule(str(tmp_path)).config.prediction_type == "v_prediction"
+
+
+def test_unreachable_hub_fails_at_once_in_one_line(monkeypatch, tmp_path, caplog):
+    """Not offline, not cached and the hub unreachable: one line naming why, without the hub
+    client's retries (before: 12 log lines over 30 s)."""
+    from xdreamer.guidance import loader
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(loader, "_hub_reachable", lambda timeout=3.0: "huggingface.co cannot be reached (test)")
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda *a, **k: pytest.fail("the hub was asked"))
+    with pytest.raises(GuidanceModelError) as info:
+        load_guidance_model("some-org/some-model", "cpu")
+    _assert_one_line(info.value, "some-org/some-model", "not in the local HF cache", "cannot be reached", "--model toy")
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]

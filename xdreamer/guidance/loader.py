@@ -18,9 +18,11 @@ import importlib.resources
 import inspect
 import json
 import re
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -136,15 +138,60 @@ def _resolve(model: str) -> tuple[str, bool]:
     return model, False
 
 
-def _model_index(source: str, local: bool) -> dict:
-    if local:
-        index = Path(source) / "model_index.json"
-        if index.is_file():
-            return json.loads(index.read_text())
-        return {name: None for name in ("unet", "vae") if (Path(source) / name).is_dir()}
-    from huggingface_hub import hf_hub_download
+def _model_index(source: str) -> dict:
+    index = Path(source) / "model_index.json"
+    if index.is_file():
+        return json.loads(index.read_text())
+    return {name: None for name in ("unet", "vae") if (Path(source) / name).is_dir()}
 
-    return json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
+
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None when the hub's endpoint answers a TCP connection within `timeout`, else why not (one
+    line). A closed network then fails in seconds, not after the hub client's retries."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host} cannot be reached ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _hub_snapshot(source: str, dtype: torch.dtype) -> str:
+    """A local folder holding the hub model: the cached snapshot when there is one (no network
+    at all), else a download of the files a guidance model needs (the fp16 variant in float16)."""
+    from huggingface_hub import constants, list_repo_files, snapshot_download
+
+    try:
+        return snapshot_download(source, local_files_only=True)
+    except Exception:
+        if constants.HF_HUB_OFFLINE:
+            raise GuidanceModelError(
+                f"hub id {source!r} is not in the local HF cache and HF_HUB_OFFLINE is set; {FIX}"
+            ) from None
+    unreachable = _hub_reachable()
+    if unreachable:
+        raise GuidanceModelError(f"hub id {source!r} is not in the local HF cache and {unreachable}; {FIX}")
+    files = set(list_repo_files(source))
+    patterns = ["model_index.json"]
+    for component in COMPONENTS:
+        names = [f for f in files if f.startswith(component + "/")]
+        choice = weight_choice(files, component, dtype)
+        for name in names:
+            weight = name.endswith((".safetensors", ".bin")) or (".index." in name and name.endswith(".json"))
+            if not weight:
+                patterns.append(name)
+            elif bool(FP16_FILE.search(name)) == (choice["variant"] == "fp16") and (
+                choice["use_safetensors"] is None or name.endswith(".safetensors") == choice["use_safetensors"]
+                or name.endswith(".json")
+            ):
+                patterns.append(name)
+    return snapshot_download(source, allow_patterns=patterns)
 
 
 def _pick_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
@@ -163,18 +210,9 @@ def _freeze(module: torch.nn.Module) -> torch.nn.Module:
 FP16_FILE = re.compile(r"\.fp16[.-]")  # model.fp16.safetensors, ...fp16-00001-of-00002..., ...index.fp16.json
 
 
-def _repo_files(source: str, local: bool) -> set[str]:
-    """Every file of the model as a path relative to its root ("unet/config.json"): the local
-    folder, the hub repository's listing, or offline the cached snapshot (what can be loaded)."""
-    if local:
-        root = Path(source)
-    else:
-        from huggingface_hub import constants, list_repo_files, snapshot_download
-
-        if not constants.HF_HUB_OFFLINE:
-            return set(list_repo_files(source))
-        root = Path(snapshot_download(source, local_files_only=True))
-    return {path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()}
+def _repo_files(root: str) -> set[str]:
+    """Every file of a model folder as a path relative to its root ("unet/config.json")."""
+    return {path.relative_to(root).as_posix() for path in Path(root).rglob("*") if path.is_file()}
 
 
 def weight_choice(files: set[str], subfolder: str, dtype: torch.dtype) -> dict:
@@ -207,14 +245,18 @@ def ddpm_schedule(source: str):
 
 
 def _load(source: str, local: bool, device: torch.device, dtype: torch.dtype, cpu_offload: bool) -> GuidanceModel:
+    """Load from a local folder, or from the hub id's local snapshot (see `_hub_snapshot`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    index = _model_index(source, local)
-    if local and not (Path(source) / "unet").is_dir():
+    hub_id = None if local else source
+    if not local:
+        source = _hub_snapshot(source, dtype)
+    index = _model_index(source)
+    if not (Path(source) / "unet").is_dir():
         raise GuidanceModelError(f"guidance model directory {source!r} has no unet/ folder; {FIX}")
-    files = _repo_files(source, local)
+    files = _repo_files(source)
 
     def component(model_class, subfolder: str, component_dtype: torch.dtype):
         choice = weight_choice(files, subfolder, component_dtype)
@@ -251,7 +293,7 @@ def _load(source: str, local: bool, device: torch.device, dtype: torch.dtype, cp
         prediction_type=scheduler.config.prediction_type,
         shift_factor=float(shift),
         text_device=text_device,
-        source=source,
+        source=hub_id or source,
     )
 
 

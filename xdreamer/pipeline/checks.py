@@ -13,10 +13,15 @@ from xdreamer.config import ConfigError
 from xdreamer.mesh import load_mesh
 from xdreamer.render.light import read_hdr_image
 
-# Bytes a step holds per view per rendered pixel, measured with the torch rasterizer (the largest
-# of the geometry and appearance steps, forward and backward, toy preset; see
-# benchmarks/bench_memory.py), with the guidance model's share on top (`_model_bytes_per_view`).
-BYTES_PER_VIEW_PIXEL = 2600
+# Bytes a step holds per view and rendered pixel: the upper envelope of peak RSS over views x
+# pixels measured on the CPU with the toy model and AMA on (benchmarks/bench_memory.py: 480-610 at
+# 256-512, 1800 at 128 where the model's per-view share weighs more; the issue's 1000 views at
+# 128 died at 21.4 GB, 1300 per pixel).
+BYTES_PER_VIEW_PIXEL = 1500
+# A latent model's share per view on top: its VAE encoder graph at 512 (1.48 GiB) and the UNet's
+# conditional half under autograd for AMA (1.05 GiB), SD 2.1-base in float16
+# (benchmarks/vram_estimate.py).
+LATENT_MODEL_BYTES_PER_VIEW = int(2.53 * 2**30)
 MEMORY_HEADROOM = 0.8  # use at most this share of the memory that is free when the run starts
 
 
@@ -68,8 +73,27 @@ def step_memory(cfg: DictConfig, views: int, model_bytes_per_view: int = 0) -> i
     return views * (pixels * BYTES_PER_VIEW_PIXEL + model_bytes_per_view)
 
 
-def check_memory(cfg: DictConfig, device: torch.device, model_bytes_per_view: int = 0) -> None:
-    """Refuse a number of views whose step cannot fit in the memory free now, naming how many would."""
+SD_UNET_PARAMETERS = 865_910_724  # SD 2.1-base's UNet
+
+
+def _model_size_ratio(model: str) -> float:
+    """How big the guidance model is next to SD 2.1-base: 0 for the toy model (its share is in
+    BYTES_PER_VIEW_PIXEL), the UNet weight file's size over SD's for a local folder, else 1."""
+    if model == "toy":
+        return 0.0
+    unet = Path(model).expanduser() / "unet"
+    files = [f for f in unet.glob("*") if f.suffix in (".safetensors", ".bin")] if unet.is_dir() else []
+    if not files:
+        return 1.0
+    # Read as float16 weights (a float32 file counts double, erring on the safe side).
+    return min(f.stat().st_size for f in files) / 2 / SD_UNET_PARAMETERS
+
+
+def check_memory(cfg: DictConfig, device: torch.device) -> None:
+    """Refuse a number of views whose step cannot fit in the memory free now, naming how many would.
+    The estimate is deliberately rough (any model but the toy one is taken as SD-sized): it is
+    there to stop runs the out-of-memory killer would end, not to plan to the last gigabyte."""
+    model_bytes_per_view = int(_model_size_ratio(cfg.model) * LATENT_MODEL_BYTES_PER_VIEW)
     free = available_memory(device)
     if free is None:
         return

@@ -382,3 +382,57 @@ def test_an_interrupted_export_leaves_one_whole_set_of_files(tmp_path):
     (new / "model.obj").write_text("new")
     replace_folder(new, run / "export")
     assert (run / "export" / "model.obj").read_text() == "new" and not (run / "export.old").exists()
+
+
+def test_a_full_disk_is_one_line_and_the_run_stays_resumable(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from xdreamer.cli import main
+    from xdreamer.pipeline import run as run_module
+
+    real = run_module.write_checkpoint
+    calls = {"n": 0}
+
+    def write_checkpoint(path, state):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second regular checkpoint of the geometry stage
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, state)
+
+    monkeypatch.setattr(run_module, "write_checkpoint", write_checkpoint)
+    run = tmp_path / "run"
+    code = main(["generate", "a red cube", "--model", "toy", "--preset", "toy", "--out", str(run), *TINY])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("xdreamer: error: no space left on device") and f"resume {run}" in err
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "failed" and report["error"] == "no space left on device"
+    assert checkpoint(run)["state"]["stage"] == "geometry"  # the last good checkpoint still loads
+    monkeypatch.setattr(run_module, "write_checkpoint", real)
+    assert main(["resume", str(run)]) == 0
+    assert json.loads((run / "report.json").read_text())["status"] == "done"
+
+
+def test_an_edited_learning_rate_takes_effect_on_resume(tmp_path, monkeypatch, capsys):
+    from xdreamer import pipeline
+    from xdreamer.config import load_config
+    from xdreamer.pipeline.run import Run
+
+    real = Run._one_step
+
+    def one_step(self, stage):
+        if self.state.stage == "geometry" and self.state.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, stage)
+
+    monkeypatch.setattr(Run, "_one_step", one_step)
+    overrides = [t for t in TINY if "=" in t]
+    cfg = load_config(preset="toy", prompt="a red cube", overrides=overrides, views=2, device="cpu")
+    run = tmp_path / "run"
+    assert pipeline.generate(cfg, run) == 128 + signal.SIGINT
+    monkeypatch.setattr(Run, "_one_step", real)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("  lr: 0.001\n", "  lr: 0.0002\n", 1))
+    assert pipeline.resume(run) == 0
+    assert "using geometry.lr=0.0002 from config.yaml (the checkpoint had 0.001)" in capsys.readouterr().out
+    groups = checkpoint(run)["geometry_optimizer"]["param_groups"]
+    assert {g["lr"] for g in groups} == {0.0002}

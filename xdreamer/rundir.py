@@ -79,6 +79,11 @@ class RunPaths:
         return self.checkpoints / "previous.safetensors"
 
     @property
+    def next_checkpoint(self) -> Path:
+        """A regular checkpoint being written, renamed to `good_checkpoint` once complete."""
+        return self.checkpoints / "next.safetensors"
+
+    @property
     def stop_checkpoint(self) -> Path:
         """Written when a signal stops the run between regular checkpoints; never restored to."""
         return self.checkpoints / "stop.safetensors"

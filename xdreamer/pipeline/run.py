@@ -143,9 +143,12 @@ class Run:
         paths = self.paths
         state = self.state_dict()
         if kind == "good":
+            # Written in full before the rotation: a failed write (a full disk) leaves both the
+            # good and the previous checkpoint as they were.
+            write_checkpoint(paths.next_checkpoint, state)
             if paths.good_checkpoint.is_file():
                 os.replace(paths.good_checkpoint, paths.previous_checkpoint)
-            write_checkpoint(paths.good_checkpoint, state)
+            os.replace(paths.next_checkpoint, paths.good_checkpoint)
             paths.stop_checkpoint.unlink(missing_ok=True)
         else:
             write_checkpoint(paths.stop_checkpoint, state)
@@ -154,7 +157,8 @@ class Run:
 
     def read_good_checkpoint(self) -> dict | None:
         """The last regular checkpoint, or the one before it when it is damaged."""
-        for path in (self.paths.good_checkpoint, self.paths.previous_checkpoint):
+        # `next` is the newest when a kill came between the two renames of a rotation.
+        for path in (self.paths.good_checkpoint, self.paths.next_checkpoint, self.paths.previous_checkpoint):
             if not path.is_file():
                 continue
             try:

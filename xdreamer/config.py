@@ -110,6 +110,9 @@ class CGLoRAConfig:
     optimizer: str = "normalized_sgd"
     lr: float = 1e-5
     grad_clip: float = 5.0
+    # Fresh adapters and camera MLP for the appearance stage, as in the authors' code (its two
+    # stages are separate runs); false carries the geometry stage's on (the paper does not say).
+    per_stage: bool = True
 
 
 @dataclass

@@ -234,8 +234,8 @@ class CameraGuidedLoRA(nn.Module):
         return text, camera, self._call_seed
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors (camera MLP + adapters), detached, contiguous, on the CPU."""
-        return {name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()}
+        """A copy of the trainable tensors (camera MLP + adapters), on the CPU."""
+        return {name: value.detach().to("cpu", copy=True) for name, value in self.state_dict().items()}
 
     def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore `lora_state_dict()`; keys and shapes must match this UNet, rank and targets."""

@@ -65,9 +65,8 @@ class GuidanceStep:
                 ).to(device)
             # The camera MLP trains with the stage's AdamW (as in the authors' code); the
             # adapters with their own optimizer.
-            self.optimizer = make_cg_lora_optimizer(
-                self.cg_lora.up_parameters(), kind=c.optimizer, lr=c.lr, max_grad_norm=c.grad_clip
-            )
+            self.optimizer = self._make_optimizer()
+            self._initial = self.cg_lora.lora_state_dict()
         # The recorder is built even without AMA: the alignment diagnostic reads its maps.
         self.recorder = AttentionRecorder(
             variant="paper" if cfg.ama.scores == "softmax" else "code", layers=cfg.ama.layers
@@ -75,6 +74,18 @@ class GuidanceStep:
         # The recorder is wired in only for the calls that read it, so other steps pay nothing.
         self._recording = False
         install_attention_processors(guidance.unet, self.cg_lora, None)
+
+    def _make_optimizer(self):
+        c = self.cfg.cg_lora
+        return make_cg_lora_optimizer(self.cg_lora.up_parameters(), kind=c.optimizer, lr=c.lr, max_grad_norm=c.grad_clip)
+
+    def start_stage(self, stage: str) -> None:
+        """Called when a stage begins: with `cg_lora.per_stage` the appearance stage starts from
+        the adapters' and camera MLP's initial weights with a fresh optimizer, as the authors'
+        separate appearance run does."""
+        if self.cg_lora is not None and stage == "appearance" and self.cfg.cg_lora.per_stage:
+            self.cg_lora.load_lora_state_dict(self._initial)
+            self.optimizer = self._make_optimizer()
 
     def prompt(self, stage: str) -> str:
         """The prompt of a stage: the geometry stage's normal maps may carry `geometry.prompt_suffix`."""

@@ -432,6 +432,7 @@ class Run:
             s = self.state
             if self.dp.is_main:
                 self.geometry.validate(self._image(self.paths.geometry, "validation_final.png"))
+            self.guide.start_stage("appearance")
             self._build_appearance()
             s.stage, s.step = "appearance", 0
             self.checkpoint()

@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (install + generate on the embedded toy model) and `make test`.
+# Two entry points: `make demo` (install + generate on the embedded toy model) and `make test`
+# (install with the test, app and batch extras + run the suite).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,11 @@ BIN := $(VENV)/bin
 $(BIN)/xdreamer: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test-extras: $(BIN)/xdreamer
+	$(BIN)/pip install -q -e ".[test,app,batch]"
 	touch $@
 
 install: $(BIN)/xdreamer
@@ -14,7 +19,7 @@ install: $(BIN)/xdreamer
 demo: install
 	$(BIN)/xdreamer generate "a red cube" --model toy --preset toy --out runs/demo --overwrite
 
-test: install
+test: $(VENV)/.test-extras
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
 
 .PHONY: install demo test

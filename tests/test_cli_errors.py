@@ -235,7 +235,7 @@ def test_config_file_of_the_wrong_shape(capsys, tmp_path, text, fragment):
 
 
 def test_emoji_prompts_get_distinct_folders():
-    from xdreamer.pipeline import slug
+    from xdreamer.rundir import slug
 
     assert slug("a red cube!") == "a_red_cube"
     assert slug("🚀🚀") != slug("🌵") and slug("🚀🚀").startswith("run_")

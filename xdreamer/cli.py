@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -56,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="glb,obj", help="comma-separated: glb, obj")
     p.add_argument("--texture-size", type=int, default=None)
     _add_render(sub)
+    # The app and batch front ends declare their own options (their modules import nothing heavy
+    # at the top; gradio and ray are imported when the command runs).
+    from xdreamer import app, batch
+
+    app.add_arguments(sub.add_parser("app", help="a web page: type a prompt, watch the run, look at the asset in 3D"))
+    batch.add_arguments(sub.add_parser("batch", help="generate a file of prompts as Ray tasks (resumable)"))
     toy = sub.add_parser("toy", help="the embedded toy world: train its model, run its benchmark")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True, parser_class=_Parser)
     p = toy_sub.add_parser("train", help="train the toy diffusion model from scratch")
@@ -66,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="a text file, one prompt per line (default: the benchmark set)")
     p.add_argument("--out", required=True)
     p.add_argument("--ablations", default="full", help="comma-separated: full, no_cg_lora, no_ama, neither")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, each prompt is generated once per seed")
     p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides for every run")
     return parser
 
@@ -102,6 +110,14 @@ def _run(args) -> int:
         from xdreamer import pipeline
 
         return pipeline.render_command(args)
+    if args.command == "app":
+        from xdreamer import app
+
+        return app.run(args)
+    if args.command == "batch":
+        from xdreamer import batch
+
+        return batch.run(args)
     if args.command == "toy" and args.toy_command == "train":
         from xdreamer.toy import train
 
@@ -114,7 +130,12 @@ def _run(args) -> int:
     raise AssertionError(args.command)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"xdreamer: warning: {str(message).splitlines()[0]}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # a warning is one line too, not a source excerpt
     parser = build_parser()
     # Dotted KEY=VALUE overrides may come anywhere among the options, which argparse's positional
     # handling does not allow: collect the leftovers and accept only overrides among them.

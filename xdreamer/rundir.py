@@ -1,4 +1,4 @@
-"""The run directory: its layout, the lock that gives it to one process, checkpoints without pickle,
+"""The run directory: its name, its layout, the lock that gives it to one process, checkpoints without pickle,
 the report and progress files, replacing exports as one unit, and stopping cleanly on signals.
 
 Nothing here deletes a file it did not write: `--overwrite` only ever clears a folder that is an
@@ -18,10 +18,6 @@ import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import safetensors
-import safetensors.torch
-import torch
 
 from xdreamer.atomic import atomic_path, write_json
 
@@ -111,6 +107,15 @@ class RunPaths:
     def make(self) -> None:
         for folder in (self.checkpoints, self.geometry, self.appearance, self.attention, self.export):
             folder.mkdir(parents=True, exist_ok=True)
+
+
+def slug(prompt: str) -> str:
+    """A run folder name from a prompt: lower-case ASCII words joined by "_" ("A red cube!" ->
+    "a_red_cube"); a prompt without such letters or digits (emoji, punctuation) gets "run_" and a
+    short hash of it, so two such prompts get two folders."""
+    text = "".join(c if c.isascii() and c.isalnum() else "_" for c in prompt.strip().lower())
+    text = "_".join(filter(None, text.split("_")))[:60]
+    return text or "run_" + hashlib.sha256(prompt.encode()).hexdigest()[:8]
 
 
 # ----- which folders may be written or replaced ---------------------------------------------------
@@ -281,8 +286,10 @@ def replace_folder(tmp: Path, target: Path) -> None:
 # ----- checkpoints: safetensors for tensors, JSON for the rest, a checksum over both --------------
 
 
-def _flatten(value, tensors: dict[str, torch.Tensor], prefix: str):
+def _flatten(value, tensors: dict, prefix: str):
     """Replace every tensor in a nested structure by a reference into `tensors` (JSON-able result)."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         key = prefix or "tensor"
         # A copy: safetensors refuses tensors that share storage (views of one buffer).
@@ -303,7 +310,7 @@ def _flatten(value, tensors: dict[str, torch.Tensor], prefix: str):
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint (at {prefix!r})")
 
 
-def _unflatten(value, tensors: dict[str, torch.Tensor]):
+def _unflatten(value, tensors: dict):
     if isinstance(value, dict):
         if "__tensor__" in value:
             return tensors[value["__tensor__"]]
@@ -315,7 +322,9 @@ def _unflatten(value, tensors: dict[str, torch.Tensor]):
     return value
 
 
-def _checksum(tensors: dict[str, torch.Tensor], skeleton: str) -> str:
+def _checksum(tensors: dict, skeleton: str) -> str:
+    import torch
+
     digest = hashlib.sha256(skeleton.encode())
     for key in sorted(tensors):
         tensor = tensors[key]
@@ -327,7 +336,9 @@ def _checksum(tensors: dict[str, torch.Tensor], skeleton: str) -> str:
 def write_checkpoint(path: Path, state: dict) -> None:
     """Save a nested state (dicts, lists, tuples, numbers, strings, tensors) atomically as one
     safetensors file: the tensors, plus the rest as JSON and a SHA-256 of both in its metadata."""
-    tensors: dict[str, torch.Tensor] = {}
+    import safetensors.torch
+
+    tensors: dict = {}
     skeleton = json.dumps(_flatten(state, tensors, ""))
     metadata = {"format": str(CHECKPOINT_FORMAT), "state": skeleton, "sha256": _checksum(tensors, skeleton)}
     with atomic_path(path) as tmp:
@@ -336,6 +347,8 @@ def write_checkpoint(path: Path, state: dict) -> None:
 
 def read_checkpoint(path: Path) -> dict:
     """Load what `write_checkpoint` saved; a damaged file (any flipped bit) raises RunError."""
+    import safetensors
+
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -31,6 +31,7 @@ from xdreamer.rundir import (
     is_run,
     open_run,
     remove_temporaries,
+    slug,
 )
 
 __all__ = [
@@ -143,16 +144,6 @@ def generate_from_cli(args) -> int:
     )
     out = Path(args.out) if args.out else Path("runs") / slug(cfg.prompt)
     return generate(cfg, out, overwrite=args.overwrite)
-
-
-def slug(prompt: str) -> str:
-    """A folder name from a prompt: lower-case words joined by "_"; a prompt without letters or
-    digits (emoji, punctuation) gets "run_" and a short hash of it, so two such prompts differ."""
-    import hashlib
-
-    text = "".join(c if c.isascii() and c.isalnum() else "_" for c in prompt.strip().lower())
-    text = "_".join(filter(None, text.split("_")))[:60]
-    return text or "run_" + hashlib.sha256(prompt.encode()).hexdigest()[:8]
 
 
 def _open_existing(run_dir: Path) -> tuple[Run, dict | None, RunLock]:

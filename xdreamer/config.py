@@ -78,6 +78,7 @@ class AppearanceConfig:
     lr: float = 1e-2
     encoding: str = "hash"
     hash_log2_table_size: int = 19
+    frequency_count: int = 8  # sin/cos octaves of the frequency encoding
     render_resolution: int = 512
     t_range_early: list[float] = field(default_factory=lambda: [0.1, 0.98])
     t_range: list[float] = field(default_factory=lambda: [0.1, 0.5])
@@ -346,6 +347,7 @@ _INT_BOUNDS = [
     ("geometry.hash_log2_table_size", 10, 24),
     ("appearance.hash_log2_table_size", 10, 24),
     ("geometry.frequency_count", 1, 16),
+    ("appearance.frequency_count", 1, 16),
 ]
 _NON_NEGATIVE_INTS = ["geometry.iters", "appearance.iters", "init.steps", "geometry.latent_phase_iters",
                       "appearance.t_switch", "validate_every", "ama.start_geometry", "ama.start_appearance",

@@ -39,6 +39,7 @@ class MaterialNetwork(nn.Module):
         hidden: int = 32,
         log2_table_size: int = 19,
         max_normal_tilt_deg: float = 90.0,
+        frequency_count: int = 8,
     ) -> None:
         super().__init__()
         if metallic not in ("learned", "zero"):
@@ -51,7 +52,7 @@ class MaterialNetwork(nn.Module):
                 n_levels=16, features_per_level=2, log2_table_size=log2_table_size, base_resolution=16, finest_resolution=4096
             )
         elif encoding == "frequency":
-            self.encoding = FrequencyEncoding(n_frequencies=8)
+            self.encoding = FrequencyEncoding(n_frequencies=frequency_count)
         else:
             raise MaterialError(f"encoding must be 'hash' or 'frequency', got {encoding!r}")
         bbox = torch.as_tensor(bbox, dtype=torch.float32)

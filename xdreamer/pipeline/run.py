@@ -47,7 +47,8 @@ PROGRESS_INTERVAL_S = 0.5
 # Config keys whose change since a checkpoint makes it unloadable (the modules change shape).
 STRUCTURAL_KEYS = (
     "model", "geometry.grid_resolution", "geometry.grid_scale", "geometry.encoding", "geometry.hash_log2_table_size",
-    "geometry.frequency_count", "appearance.encoding", "appearance.hash_log2_table_size", "cg_lora.enabled",
+    "geometry.frequency_count", "appearance.encoding", "appearance.hash_log2_table_size",
+    "appearance.frequency_count", "cg_lora.enabled",
     "cg_lora.rank", "cg_lora.targets",
 )
 

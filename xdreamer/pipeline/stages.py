@@ -173,6 +173,7 @@ class AppearanceStage:
             self.material = MaterialNetwork.for_mesh(
                 mesh, encoding=a.encoding, metallic=a.metallic, log2_table_size=a.hash_log2_table_size,
                 occlusion_range=(0.0, 1.0) if a.occlusion else (0.0, 0.0), max_normal_tilt_deg=a.max_normal_tilt_deg,
+                frequency_count=a.frequency_count,
             )
         self.material = self.material.to(device)
         self.optimizer = _adamw([{"params": list(self.material.parameters())}, {"params": guide.camera_parameters}], a.lr)

@@ -73,13 +73,17 @@ def test_the_conditional_half_saves_about_half_of_the_whole_batch():
     assert 0.5 < half / whole < 0.56
 
 
-def _ama_gradients(unet: UNet2DConditionModel, layers: str, checkpointing: bool):
-    """AMA maps, CG-LoRA gradients and the latents' gradient for one fixed conditional batch."""
+def _ama_gradients(unet: UNet2DConditionModel, layers: str, checkpointing: bool, dropout: float = 0.0):
+    """AMA maps, CG-LoRA gradients and the latents' gradient for one fixed conditional batch, and
+    the maps the recorder still holds after the backward pass. With `dropout` the adapters stay in
+    training mode (dropout masks on), else they are in eval mode."""
     unet = copy.deepcopy(unet)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     torch.manual_seed(2)
-    lora = CameraGuidedLoRA(unet, TEXT_DIM).eval()  # eval: CG-LoRA's dropout off (see the report)
+    lora = CameraGuidedLoRA(unet, TEXT_DIM, dropout=dropout, seed=7)
+    if not dropout:
+        lora.eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in lora.named_parameters():
@@ -94,7 +98,7 @@ def _ama_gradients(unet: UNet2DConditionModel, layers: str, checkpointing: bool)
     unet(latents, torch.tensor([300, 500]), torch.randn(2, 77, TEXT_DIM, generator=g))
     maps = recorder.take()
     ama_loss(maps, mask).backward()
-    return maps, [p.grad for p in lora.parameters()], latents.grad
+    return maps, [p.grad for p in lora.parameters()], latents.grad, recorder.maps
 
 
 @pytest.mark.parametrize("layers", ["all", "last"])
@@ -102,8 +106,8 @@ def test_gradient_checkpointing_gives_the_same_maps_and_gradients(layers):
     """Checkpointing re-runs each transformer block in the backward pass, attention processors
     included: the recorder and CG-LoRA must produce the same values the second time."""
     unet = _build(UNet2DConditionModel, UNET, "cpu")
-    maps, grads, latents_grad = _ama_gradients(unet, layers, checkpointing=False)
-    maps_ckpt, grads_ckpt, latents_grad_ckpt = _ama_gradients(unet, layers, checkpointing=True)
+    maps, grads, latents_grad, _ = _ama_gradients(unet, layers, checkpointing=False)
+    maps_ckpt, grads_ckpt, latents_grad_ckpt, _ = _ama_gradients(unet, layers, checkpointing=True)
     assert len(maps) == len(maps_ckpt) == (4 if layers == "all" else 1)
     for a, b in zip(maps, maps_ckpt):
         assert torch.equal(a, b)
@@ -122,26 +126,9 @@ def test_checkpointing_with_cg_lora_dropout_and_no_maps_kept_from_the_recomputat
     unet = _build(UNet2DConditionModel, UNET, "cpu")
     runs = {}
     for checkpointing in (False, True):
-        model = copy.deepcopy(unet)
-        if checkpointing:
-            model.enable_gradient_checkpointing()
-        torch.manual_seed(2)
-        lora = CameraGuidedLoRA(model, TEXT_DIM, dropout=0.5, seed=7)  # training mode: dropout on
-        g = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for name, p in lora.named_parameters():
-                if name.endswith("up.weight"):
-                    p.normal_(0.0, 0.2, generator=g)
-        recorder = AttentionRecorder(variant="paper", layers=layers)
-        install_attention_processors(model, lora, recorder)
-        lora.set_condition(torch.randn(2, TEXT_DIM, generator=g), torch.randn(2, 6, generator=g))
-        recorder.set_token_index([5, 6])
-        latents = torch.randn(2, 4, 16, 16, generator=g).requires_grad_()
-        mask = (torch.rand(2, 32, 32, 1, generator=g) > 0.5).float()
-        model(latents, torch.tensor([300, 500]), torch.randn(2, 77, TEXT_DIM, generator=g))
-        ama_loss(recorder.take(), mask).backward()
-        assert recorder.maps == []
-        runs[checkpointing] = [p.grad for p in lora.parameters()] + [latents.grad]
+        _, grads, latents_grad, kept = _ama_gradients(unet, layers, checkpointing, dropout=0.5)
+        assert kept == []
+        runs[checkpointing] = grads + [latents_grad]
     for a, b in zip(runs[False], runs[True]):
         assert (a is None) == (b is None)
         if a is not None:

@@ -143,8 +143,8 @@ def test_kill_and_resume_gives_the_same_asset(tmp_path):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_sigterm_checkpoints_and_prints_resume(tmp_path):
-    run = tmp_path / "run"
+def start_long_run(run: Path, wait_for: str) -> subprocess.Popen:
+    """A toy generation with a long geometry stage in the background, once `run / wait_for` exists."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "xdreamer.cli", "generate", "a red cube", "--model", "toy", "--preset", "toy",
@@ -152,8 +152,14 @@ def test_sigterm_checkpoints_and_prints_resume(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     deadline = time.time() + 300
-    while time.time() < deadline and not (run / "checkpoints" / "good.safetensors").is_file():
+    while time.time() < deadline and not (run / wait_for).is_file():
         time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_checkpoints_and_prints_resume(tmp_path):
+    run = tmp_path / "run"
+    proc = start_long_run(run, "checkpoints/good.safetensors")
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -336,15 +342,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 def test_a_second_process_on_a_running_run_gets_one_line(tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    first = subprocess.Popen(
-        [sys.executable, "-m", "xdreamer.cli", "generate", "a red cube", "--model", "toy", "--preset", "toy",
-         "--out", str(run), *TINY, "geometry.iters=300"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not (run / "progress.json").is_file():
-        time.sleep(0.05)
+    first = start_long_run(run, "progress.json")
     try:
         for argv in (["generate", "a blue cone", "--model", "toy", "--out", str(run), "--overwrite"], ["resume", str(run)]):
             second = cli(*argv)

@@ -51,10 +51,34 @@ def write_png(path: Path, image: np.ndarray) -> None:
         iio.imwrite(tmp, image)
 
 
-class GeometryStage:
+class _Stage:
+    """What both stages share: a network, its optimizer, and their checkpoint state under
+    `state_key` and `state_key + "_optimizer"`."""
+
+    name: str
+    state_key: str
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return getattr(self, self.state_key)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def state_dict(self) -> dict:
+        return {self.state_key: self.network.state_dict(), f"{self.state_key}_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.network.load_state_dict(state[self.state_key])
+        self.optimizer.load_state_dict(state[f"{self.state_key}_optimizer"])
+
+
+class GeometryStage(_Stage):
     """The DMTet geometry, its optimizer (with the camera MLP's group) and one step of it."""
 
-    name = "geometry"
+    name = state_key = "geometry"
 
     def __init__(
         self, cfg: DictConfig, device: torch.device, guide: GuidanceStep, rasterizer: Rasterizer,
@@ -145,23 +169,12 @@ class GeometryStage:
             mesh, dropped = remove_small_pieces(mesh, self.cfg.geometry.min_piece_fraction)
         return mesh, topology_report(mesh, dropped) if mesh.faces.shape[0] else {"pieces": 0}
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
-    def state_dict(self) -> dict:
-        return {"geometry": self.geometry.state_dict(), "geometry_optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.geometry.load_state_dict(state["geometry"])
-        self.optimizer.load_state_dict(state["geometry_optimizer"])
-
-
-class AppearanceStage:
+class AppearanceStage(_Stage):
     """The material network over the fixed mesh, its optimizer (with the camera MLP's group), the
     environment light, and one step of it."""
 
-    name = "appearance"
+    name, state_key = "appearance", "material"
 
     def __init__(
         self, cfg: DictConfig, device: torch.device, guide: GuidanceStep, rasterizer: Rasterizer,
@@ -207,14 +220,3 @@ class AppearanceStage:
                 background=tuple(self.cfg.appearance.background), backend=self.rasterizer,
             )
         write_png(path, grid_image(out["rgb"]))
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def state_dict(self) -> dict:
-        return {"material": self.material.state_dict(), "material_optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.material.load_state_dict(state["material"])
-        self.optimizer.load_state_dict(state["material_optimizer"])

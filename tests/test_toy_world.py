@@ -5,19 +5,29 @@ import torch
 
 from xdreamer.render.camera import orbit_cameras
 from xdreamer.render.light import default_environment
-from xdreamer.toy.dataset import ToyDataset, build_dataset, downsample, render_object
+from xdreamer.toy.dataset import OBJECT_SHAPES, ToyDataset, build_dataset, downsample, render_object, render_placed
 from xdreamer.toy.world import (
     COLOURS,
+    FRONT_COLOURS,
+    FRONT_SHAPES,
+    FRONT_YAW_JITTER,
     HELD_OUT,
+    HELD_OUT_OBJECTS,
     SHAPES,
     VIEWS,
     Placement,
+    ToyObject,
     ToyWorldError,
     caption,
     caption_words,
+    colour_difference,
+    front_objects,
     ground_truth_sdf,
+    mug_mesh,
+    parse_caption,
     primitive_mesh,
     sample_placement,
+    training_objects,
     training_pairs,
 )
 
@@ -29,7 +39,7 @@ def light():
     return default_environment()
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + FRONT_SHAPES)
 def test_primitive_is_closed_outward_and_unit_bounded(shape):
     mesh = primitive_mesh(shape)
     surface = mesh.to_trimesh()
@@ -80,6 +90,9 @@ def test_captions_and_articles():
     assert caption("cube", "red") == "a red cube"
     assert caption("torus", "orange") == "an orange torus"
     assert caption("pyramid", "gray", "overhead") == "a gray pyramid, overhead view"
+    assert caption("cube", "red", "front", front="blue", normal_map=True) == "a red cube with a blue front, normal map, front view"
+    assert caption("mug", "orange", normal_map=True) == "an orange mug, normal map"
+    assert caption("cube", "gray", front="white") == "a gray cube with a white front"
     with pytest.raises(ToyWorldError):
         caption("dodecahedron", "red")
     with pytest.raises(ValueError):
@@ -90,24 +103,65 @@ def test_each_caption_word_is_one_token(tmp_path):
     from xdreamer.guidance.tokenizer import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(tmp_path, caption_words())
-    text = caption("torus", "orange", "overhead")
-    tokens = tokenizer.tokenize(text)
-    assert tokens == ["an</w>", "orange</w>", "torus</w>", ",</w>", "overhead</w>", "view</w>"]
+    assert tokenizer.tokenize(caption("torus", "orange", "overhead")) == [
+        "an</w>", "orange</w>", "torus</w>", ",</w>", "overhead</w>", "view</w>"
+    ]
+    assert tokenizer.tokenize(caption("cube", "yellow", "back", front="red", normal_map=True)) == [
+        "a</w>", "yellow</w>", "cube</w>", "with</w>", "a</w>", "red</w>", "front</w>", ",</w>", "normal</w>", "map</w>",
+        ",</w>", "back</w>", "view</w>",
+    ]
+    assert tokenizer.tokenize("a white mug") == ["a</w>", "white</w>", "mug</w>"]
 
 
-def test_held_out_pairs_never_reach_training(light):
+def test_parse_caption_reads_back_every_caption():
+    things = [ToyObject(s, c) for s in SHAPES for c in COLOURS] + front_objects()
+    for thing in things:
+        for view in (None, *VIEWS):
+            for normal_map in (False, True):
+                assert parse_caption(thing.caption(view, normal_map)) == thing
+    assert parse_caption("A Red Cube with a Blue Front, front view") == ToyObject("cube", "red", "blue")
+    for text in ("a red blue cube", "a cube", "a red cube with a blue front with a white front", "a red cube, normal map, mug"):
+        with pytest.raises(ToyWorldError):
+            parse_caption(text)
+
+
+def test_objects_with_a_front():
+    # A front only on cubes, in FRONT_COLOURS, and never too close to the body's colour.
+    for bad in (("sphere", "red", "blue"), ("cube", "red", "green"), ("cube", "red", "orange"), ("cube", "purple", "blue")):
+        with pytest.raises(ToyWorldError):
+            ToyObject(*bad)
+    fronts = front_objects()
+    cubes = [o for o in fronts if o.front is not None]
+    assert len(fronts) == 32 and len(cubes) == 24 and all(o.has_front for o in fronts)
+    assert min(colour_difference(o.colour, o.front) for o in cubes) >= 60
+    assert {o.front for o in cubes} == set(FRONT_COLOURS)
+    assert not ToyObject("cube", "red").has_front and ToyObject("mug", "red").has_front
+
+
+def test_held_out_pairs_and_objects_never_reach_training(light):
     pairs = training_pairs()
     assert len(pairs) == len(SHAPES) * len(COLOURS) - len(HELD_OUT) == 42
     assert not set(pairs) & HELD_OUT
     # Each held-out shape and colour still appears in training, only the combination is new.
     assert {s for s, _ in HELD_OUT} <= {s for s, _ in pairs}
     assert {c for _, c in HELD_OUT} <= {c for _, c in pairs}
-    dataset = build_dataset(len(pairs), 4, torch.Generator().manual_seed(0), views_per_placement=1, supersample=2, light=light)
-    assert len(dataset) == 2 * len(pairs)
-    seen = {(SHAPES[s], list(COLOURS)[c]) for s, c in zip(dataset.shape.tolist(), dataset.colour.tolist())}
-    assert seen == set(pairs)
+    objects = training_objects()
+    assert len(objects) == 42 + 7 + 23 and not set(objects) & HELD_OUT_OBJECTS
+    for held in HELD_OUT_OBJECTS:
+        assert any(o.shape == held.shape and o.colour != held.colour for o in objects)
+        assert any(o.colour == held.colour and o.shape != held.shape for o in objects)
+        if held.front is not None:
+            assert any(o.front == held.front and o.colour != held.colour for o in objects)
+            assert any(o.colour == held.colour and o.front not in (None, held.front) for o in objects)
+    dataset = build_dataset(len(objects), 4, torch.Generator().manual_seed(0), views_per_placement=1, supersample=2, light=light)
+    assert len(dataset) == 2 * len(objects)
+    assert {dataset.object(i) for i in range(len(dataset))} == set(objects)
     captions = {dataset.caption(i, with_view=False) for i in range(len(dataset))}
-    assert not captions & {caption(s, c) for s, c in HELD_OUT}
+    held = {caption(s, c) for s, c in HELD_OUT} | {o.caption() for o in HELD_OUT_OBJECTS}
+    assert not {c.removesuffix(", normal map") for c in captions} & held
+    # The mode word marks exactly the normal-map images.
+    assert all(dataset.caption(i).endswith(" view") for i in range(len(dataset)))
+    assert [", normal map" in dataset.caption(i) for i in range(len(dataset))] == dataset.normal_map.tolist()
 
 
 def test_dataset_round_trip_and_views(tmp_path, light):
@@ -115,9 +169,50 @@ def test_dataset_round_trip_and_views(tmp_path, light):
     assert dataset.images.dtype == torch.uint8 and dataset.images.shape == (16, 4, 4, 3)
     assert dataset.normal_map.sum().item() == 8
     assert set(dataset.view.tolist()) <= set(range(len(VIEWS)))
+    assert dataset.front.tolist() == [-1] * 16 and set(dataset.shape.tolist()) <= set(range(len(OBJECT_SHAPES)))
     dataset.save(tmp_path / "d.pt")
     loaded = ToyDataset.load(tmp_path / "d.pt")
-    assert torch.equal(loaded.images, dataset.images) and torch.equal(loaded.view, dataset.view)
+    for field in ("images", "shape", "colour", "front", "view", "normal_map"):
+        assert torch.equal(getattr(loaded, field), getattr(dataset, field))
+
+
+def test_objects_with_a_front_face_the_front_camera():
+    generator = torch.Generator().manual_seed(0)
+    turns = [sample_placement(generator, facing=True).rotation for _ in range(200)]
+    assert max(abs(t) for t in turns) <= FRONT_YAW_JITTER and max(turns) - min(turns) > FRONT_YAW_JITTER
+    placement = Placement(0.7, 0.5, (0.01, 0.02, -0.03))
+    mesh = primitive_mesh("mug")
+    assert torch.allclose(placement.to_local(placement.apply(mesh).vertices), mesh.vertices, atol=1e-6)
+
+
+def test_mug_has_one_handle_at_the_front():
+    mug = primitive_mesh("mug")
+    assert mug.to_trimesh().euler_number == 0  # genus 1: the handle is a loop
+    x, z = mug.vertices[:, 0], mug.vertices[:, 2]
+    # Sideways and behind only the body shows: its radius is the x extent, its axis that far in
+    # front of the back. The handle reaches (0.27 + 0.075) / 0.45 radii in front of the wall.
+    radius = float(x.max())
+    assert float(-x.min()) == pytest.approx(radius, rel=1e-3)
+    axis = float(z.min()) + radius
+    assert (float(z.max()) - axis) / radius == pytest.approx(1 + 0.345 / 0.45, rel=0.02)
+    two = mug_mesh((0.0, 180.0))
+    assert two.to_trimesh().is_watertight and two.to_trimesh().euler_number == -2  # genus 2
+    # Normalized like the world's mug: the body keeps its place, the second handle adds the back.
+    assert float(two.vertices[:, 2].max()) == pytest.approx(float(z.max()), abs=1e-3)
+    assert float(two.vertices[:, 2].min()) == pytest.approx(2 * axis - float(z.max()), abs=1e-3)  # the mirror image
+    assert float(two.volume()) > float(mug.volume())
+
+
+def test_front_colour_is_seen_from_the_front_only(light):
+    cameras = orbit_cameras(4, elevation=10.0)  # front, right side, back, left side
+    out = render_placed(ToyObject("cube", "red", "blue"), Placement(0.8, 0.2, (0.0, 0.0, 0.0)), cameras, 16, 0.6, light)
+    names = list(COLOURS)
+    palette = torch.tensor([COLOURS[n] for n in names])
+    seen = []
+    for image, coverage in zip(out["shaded"], out["mask"][..., 0]):
+        mean = image[coverage > 0.99].mean(0)
+        seen.append(names[(palette - mean).norm(dim=-1).argmin()])
+    assert seen == ["blue", "red", "red", "red"]
 
 
 def test_placement_jitter_bounds():

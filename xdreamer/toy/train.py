@@ -8,7 +8,7 @@ text_encoder/, tokenizer/, scheduler/, model_index.json, safetensors) that
 `load_guidance_model("toy")` reads.
 
 Layout of `out_dir`: work/ (dataset cache, checkpoint, tokenizer), model/ (the export),
-loss.png, losses.json, samples.png.
+loss.png, losses.json, samples.png, samples_normal.png, samples_front.png.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,27 +26,42 @@ import torch.nn.functional as F
 from xdreamer.atomic import atomic_path, write_json
 from xdreamer.guidance.loader import PIXEL_MODEL_INDEX
 from xdreamer.toy.dataset import ToyDataset, build_dataset
-from xdreamer.toy.world import COLOURS, HELD_OUT, SHAPES, ToyWorldError, caption, caption_words
+from xdreamer.toy.world import (
+    COLOURS,
+    FRONT_SHAPES,
+    HELD_OUT,
+    HELD_OUT_OBJECTS,
+    SHAPES,
+    ToyObject,
+    ToyWorldError,
+    caption,
+    caption_words,
+    front_objects,
+)
 
 RESOLUTION = 32
 TEXT_DIM = 64
 CAPTION_DROPOUT = 0.1  # empty caption, for classifier-free guidance
 VIEW_SUFFIX_PROBABILITY = 0.75  # otherwise the caption has no ", front view" suffix
+# Bumped whenever the world or the rendering changes, so a cached dataset is never reused stale
+# (2: objects with a front, ", normal map" captions).
+DATASET_VERSION = 2
 
 
 @dataclass
 class ToyTrainingConfig:
     """What a training run depends on; the defaults reproduce the shipped model."""
 
-    steps: int = 5000
+    steps: int = 15000
     batch_size: int = 16
     seed: int = 0
-    dataset_size: int = 672  # placements; each gives 4 views x (shaded, normal map) images
+    dataset_size: int = 1440  # placements (20 per training object); each gives 4 views x 2 modes
     lr: float = 1e-3
     warmup: int = 100
-    ema_decay: float = 0.995
+    ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
     checkpoint_every: int = 100
+    channels: tuple[int, int, int] = (32, 64, 64)  # the UNet's block widths
 
 
 def make_scheduler():
@@ -64,9 +79,9 @@ def make_scheduler():
     )
 
 
-def make_unet():
-    """UNet2DConditionModel on (3, 32, 32): channels 32/64/64, cross-attention at 16x16 and 8x8
-    (down and up) and in the middle block, 4 heads, text width 64."""
+def make_unet(channels: tuple[int, int, int] = ToyTrainingConfig.channels):
+    """UNet2DConditionModel on (3, 32, 32): block widths `channels`, cross-attention at 16x16
+    and 8x8 (down and up) and in the middle block, 4 heads, text width 64."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -74,7 +89,7 @@ def make_unet():
         in_channels=3,
         out_channels=3,
         layers_per_block=1,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=tuple(channels),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_DIM,
@@ -161,13 +176,14 @@ def sample(
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(steps)
     size = unet.config.sample_size
-    context = encode_text(text_encoder, tokenizer, captions + [""] * len(captions))
-    x = torch.randn(len(captions), 3, size, size, generator=generator)
+    context = encode_text(text_encoder, tokenizer, captions + [""] * len(captions)).to(unet.device)
+    # Noise drawn on the CPU: the same seed gives the same samples on any device.
+    x = torch.randn(len(captions), 3, size, size, generator=generator).to(unet.device)
     for t in ddim.timesteps:
         eps_cond, eps_uncond = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         x = ddim.step(eps, t, x).prev_sample
-    return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+    return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
 
 
 def export_model(out_dir: Path, unet, text_encoder, tokenizer_dir: Path, scheduler) -> Path:
@@ -243,21 +259,49 @@ def save_sample_grid(path: Path, images: torch.Tensor, rows: int, columns: int, 
         image.save(tmp)
 
 
-def grid_captions(samples_per_pair: int = 1) -> tuple[list[str], list[int]]:
-    """Captions for the sample grid: one row per shape, `samples_per_pair` columns per colour
-    (all 48 pairs, held-out ones included), and the indices of the held-out cells."""
+def grid_captions(samples_per_pair: int = 1, normal_map: bool = False) -> tuple[list[str], list[int]]:
+    """Captions for the sample grid: one row per shape (the mug last when `normal_map`),
+    `samples_per_pair` columns per colour (held-out pairs included), and the indices of the
+    held-out cells. `normal_map` asks for the normal-map mode (", normal map")."""
     captions, held_out = [], []
-    for shape in SHAPES:
+    for shape in SHAPES + (FRONT_SHAPES if normal_map else ()):
         for colour in COLOURS:
             for _ in range(samples_per_pair):
-                if (shape, colour) in HELD_OUT:
+                if (shape, colour) in HELD_OUT or ToyObject(shape, colour) in HELD_OUT_OBJECTS:
                     held_out.append(len(captions))
-                captions.append(caption(shape, colour))
+                captions.append(caption(shape, colour, normal_map=normal_map))
     return captions, held_out
 
 
+def front_grid_captions() -> tuple[list[str], list[int]]:
+    """Captions for the grid of objects with a front: one row per view (front, side, back), one
+    column per object of `front_objects()`, and the indices of the held-out cells."""
+    objects = front_objects()
+    captions, held_out = [], []
+    for view in ("front", "side", "back"):
+        for thing in objects:
+            if thing in HELD_OUT_OBJECTS:
+                held_out.append(len(captions))
+            captions.append(thing.caption(view))
+    return captions, held_out
+
+
+def save_samples(out_dir: Path, unet, text_encoder, tokenizer, scheduler, seed: int) -> None:
+    """samples.png (shaded primitives), samples_normal.png (", normal map" captions) and
+    samples_front.png (objects with a front from the front, side and back): one DDIM sample
+    (25 steps, guidance 4, `seed`) per caption, held-out cells framed in white."""
+    grids = {
+        "samples.png": (grid_captions(), len(SHAPES)),
+        "samples_normal.png": (grid_captions(normal_map=True), len(SHAPES) + len(FRONT_SHAPES)),
+        "samples_front.png": (front_grid_captions(), 3),
+    }
+    for name, ((captions, held_out), rows) in grids.items():
+        images = sample(unet, text_encoder, tokenizer, scheduler, captions, torch.Generator().manual_seed(seed))
+        save_sample_grid(out_dir / name, images, rows, len(captions) // rows, held_out)
+
+
 def _load_or_build_dataset(work: Path, config: ToyTrainingConfig, progress: bool) -> ToyDataset:
-    path = work / f"dataset_{config.dataset_size}_{RESOLUTION}_seed{config.seed}.pt"
+    path = work / f"dataset_v{DATASET_VERSION}_{config.dataset_size}_{RESOLUTION}_seed{config.seed}.pt"
     if path.is_file():
         return ToyDataset.load(path)
     dataset = build_dataset(config.dataset_size, RESOLUTION, torch.Generator().manual_seed(config.seed), progress=progress)
@@ -267,29 +311,30 @@ def _load_or_build_dataset(work: Path, config: ToyTrainingConfig, progress: bool
 
 def train_toy_model(
     out_dir: str | Path,
-    steps: int = ToyTrainingConfig.steps,
-    batch_size: int = ToyTrainingConfig.batch_size,
-    seed: int = ToyTrainingConfig.seed,
+    config: ToyTrainingConfig | None = None,
     resume: bool = True,
-    dataset_size: int = ToyTrainingConfig.dataset_size,
     progress: bool = True,
     num_threads: int | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Render (once, cached) the toy dataset, train the toy model, export it to out_dir/model.
 
-    Resumes from out_dir/work/checkpoint.pt when `resume` and the checkpoint matches the
-    configuration. Writes loss.png, losses.json and samples.png (DDIM, 25 steps, guidance 4)
-    next to the export. `num_threads` sets torch's CPU threads (1 is fastest on a busy machine).
-    Returns the export's path."""
+    `config` defaults to the shipped model's settings. Resumes from out_dir/work/checkpoint.pt
+    when `resume` and the checkpoint's configuration is `config`. Writes loss.png, losses.json
+    and the sample grids (`save_samples`) next to the export. `num_threads` sets torch's CPU
+    threads (1 is fastest on a busy machine). `device`: where the model trains; every random
+    draw stays on the CPU generator, so a GPU run follows the same data and noise. Returns the
+    export's path."""
     from tqdm import tqdm
 
     from xdreamer.guidance.tokenizer import build_clip_tokenizer
 
-    if steps < 1 or batch_size < 1 or dataset_size < 1:
+    config = ToyTrainingConfig() if config is None else config
+    if config.steps < 1 or config.batch_size < 1 or config.dataset_size < 1:
         raise ToyWorldError("steps, batch_size and dataset_size must be positive")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    config = ToyTrainingConfig(steps=steps, batch_size=batch_size, seed=seed, dataset_size=dataset_size)
+    steps, batch_size, seed = config.steps, config.batch_size, config.seed
     out_dir = Path(out_dir)
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -297,11 +342,11 @@ def train_toy_model(
     dataset = _load_or_build_dataset(work, config, progress)
     tokenizer = build_clip_tokenizer(work / "tokenizer", caption_words())
     scheduler = make_scheduler()
-    alphas_cumprod = scheduler.alphas_cumprod.float()
+    alphas_cumprod = scheduler.alphas_cumprod.float().to(device)
     # Weight initialization draws from torch's global generator: seed it without leaking state.
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
+        unet, text_encoder = make_unet(config.channels).to(device), make_text_encoder(tokenizer).to(device)
     modules = {"unet": unet, "text_encoder": text_encoder}
     parameters = [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.01)
@@ -312,13 +357,13 @@ def train_toy_model(
 
     checkpoint_path = work / "checkpoint.pt"
     if resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, weights_only=False)
+        state = torch.load(checkpoint_path, weights_only=False, map_location=device)
         if state["config"] == asdict(config):
             for name, module in modules.items():
                 module.load_state_dict(state[name])
             optimizer.load_state_dict(state["optimizer"])
             ema = state["ema"]
-            generator.set_state(state["generator"])
+            generator.set_state(state["generator"].cpu())
             losses, start = state["losses"], state["step"]
 
     def save_checkpoint(step: int) -> None:
@@ -336,10 +381,10 @@ def train_toy_model(
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="training toy model", disable=not progress)
     for step in bar:
         index = torch.randint(len(dataset), (batch_size,), generator=generator)
-        x0 = dataset.images[index].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x0 = (dataset.images[index].permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(device)
         captions = random_captions(dataset, index, generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         context = encode_text(text_encoder, tokenizer, captions)
@@ -371,9 +416,7 @@ def train_toy_model(
         {"config": asdict(config), "losses": losses, "train_seconds_this_session": time.time() - began},
     )
     save_loss_curve(out_dir / "loss.png", losses)
-    captions, held_out = grid_captions()
-    images = sample(unet, text_encoder, tokenizer, scheduler, captions, torch.Generator().manual_seed(seed))
-    save_sample_grid(out_dir / "samples.png", images, len(SHAPES), len(captions) // len(SHAPES), held_out)
+    save_samples(out_dir, unet, text_encoder, tokenizer, scheduler, seed)
     return model_dir
 
 
@@ -384,8 +427,6 @@ def model_size_bytes(model_dir: str | Path) -> int:
 
 def main(out_dir: str | Path, steps: int | None = None, seed: int | None = None) -> Path:
     """`xdreamer toy train`: train with the shipped model's settings unless told otherwise."""
-    return train_toy_model(
-        out_dir,
-        steps=ToyTrainingConfig.steps if steps is None else steps,
-        seed=ToyTrainingConfig.seed if seed is None else seed,
-    )
+    config = ToyTrainingConfig()
+    config = replace(config, steps=config.steps if steps is None else steps, seed=config.seed if seed is None else seed)
+    return train_toy_model(out_dir, config)

@@ -48,3 +48,11 @@ def test_resolved_config_round_trips(tmp_path):
     path.write_text(OmegaConf.to_yaml(cfg))
     again = load_config(config_file=path)
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+def test_override_values_yaml_cannot_read_are_plain_strings():
+    """The shell strips quotes: `geometry.prompt_suffix=", normal map"` arrives as `, normal map`."""
+    cfg = load_config(prompt="x", overrides=["geometry.prompt_suffix=, normal map", "negative_prompt=[blurry"])
+    assert cfg.geometry.prompt_suffix == ", normal map" and cfg.negative_prompt == "[blurry"
+    with pytest.raises(ConfigError, match="geometry.iters"):
+        load_config(prompt="x", overrides=["geometry.iters=[3"])

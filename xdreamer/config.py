@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -299,8 +300,14 @@ def load_config(
         key, value = item.split("=", 1)
         try:
             dotlist = OmegaConf.from_dotlist([f"{key}={value}"])
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"cannot parse override '{item}': {str(exc).splitlines()[0]}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            # A value YAML cannot read (the shell ate its quotes: geometry.prompt_suffix=, normal map)
+            # is taken as the plain string it was typed as.
+            try:
+                dotlist = OmegaConf.from_dotlist([f"{key}=x"])
+                OmegaConf.update(dotlist, key, value, force_add=True)
+            except OmegaConfBaseException:
+                raise ConfigError(f"cannot parse override '{item}': {str(exc).splitlines()[0]}") from None
         cfg = _merge(cfg, dotlist, f"override '{item}'")
     cfg = _resolved(cfg, "the config")
     check_config(cfg)

@@ -19,6 +19,7 @@ from xdreamer.export.gltf import write_glb
 from xdreamer.mesh import Mesh, save_mesh
 from xdreamer.render.shade import srgb_to_linear
 from xdreamer.toy.eval import (
+    FRONT_PROMPTS,
     baked_texels,
     bootstrap_mean,
     delta_e,
@@ -29,6 +30,7 @@ from xdreamer.toy.eval import (
     normal_tilt,
     paired_comparison,
     parse_prompt,
+    read_prompts,
     run_benchmark,
     score_run,
     sign_test,
@@ -303,3 +305,22 @@ def test_benchmark_runs_every_seed_and_compares_ablations_in_pairs(tmp_path):
         run_benchmark(["a purple torus"], tmp_path / "bench", ["full"], generate, seeds=[0, 0])
     with pytest.raises(ToyWorldError):
         run_benchmark(["a purple torus"], tmp_path / "bench", ["full"], generate, seeds=[])
+
+
+def test_front_objects_are_counted_only_where_they_apply():
+    """Multi-face rate and front accuracy over the runs of objects with a front; None elsewhere;
+    the held-out cube with a front lands in the held-out split."""
+    fronts = {
+        0: {"correct": True, "multi_face": False},
+        1: {"correct": False, "multi_face": True},
+        2: {"correct": False, "multi_face": False},
+    }
+    scores = [replace(synthetic("a red cube with a blue front", "full", seed, 0.8), front=fronts[seed]) for seed in fronts]
+    scores += [synthetic("a red cube", "full", seed, 0.8) for seed in fronts]
+    scores.append(replace(synthetic("a yellow cube with a red front", "full", 0, 0.8), front=fronts[1]))
+    held_in, held_out = summarize(scores)
+    assert (held_in["split"], held_out["split"]) == ("held-in", "held-out")
+    assert held_in["front_accuracy"] == pytest.approx(1 / 3) and held_in["multi_face_rate"] == pytest.approx(1 / 3)
+    assert held_out["multi_face_rate"] == 1.0 and held_in["runs"] == 6
+    assert summarize(scores[3:6])[0]["multi_face_rate"] is None
+    assert read_prompts("front") == FRONT_PROMPTS and len(read_prompts(None)) == 14

@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p = toy_sub.add_parser("eval", help="generate each prompt and score it against ground truth")
-    p.add_argument("--prompts", default=None, help="a text file, one prompt per line (default: the benchmark set)")
+    p.add_argument("--prompts", default=None, help="default | front | a text file, one prompt per line")
     p.add_argument("--out", required=True)
-    p.add_argument("--ablations", default="full", help="comma-separated: full, no_cg_lora, no_ama, neither")
+    p.add_argument("--ablations", default="full",
+                   help="comma-separated: full, no_cg_lora, no_ama, neither, no_direction, no_cg_lora_no_direction")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, each prompt is generated once per seed")
     p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides for every run")
     return parser

@@ -230,7 +230,7 @@ def toy_benchmark(args) -> int:
     """`xdreamer toy eval`: generate every prompt under every ablation and seed, and score it."""
     from xdreamer.toy import eval as toy_eval
 
-    prompts = toy_eval.read_prompts(Path(args.prompts) if args.prompts else None)
+    prompts = toy_eval.read_prompts(args.prompts)
     ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

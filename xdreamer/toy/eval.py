@@ -25,7 +25,19 @@ from xdreamer.atomic import write_json, write_text
 from xdreamer.geometry.cleanup import mesh_pieces
 from xdreamer.geometry.init import MeshSDF, normalize_mesh, volumetric_iou
 from xdreamer.mesh import Mesh, load_mesh
-from xdreamer.toy.world import COLOURS, HELD_OUT, SHAPES, ToyWorldError, caption, ground_truth_sdf, primitive_mesh
+from xdreamer.toy.facing import score_front_run
+from xdreamer.toy.world import (
+    COLOURS,
+    FRONT_SHAPES,
+    HELD_OUT,
+    HELD_OUT_OBJECTS,
+    SHAPES,
+    ToyWorldError,
+    caption,
+    ground_truth_sdf,
+    parse_caption,
+    primitive_mesh,
+)
 
 # Held-in prompts cover every shape and colour once; held-out are the six pairs never trained on.
 HELD_IN_PROMPTS = [
@@ -39,27 +51,33 @@ HELD_IN_PROMPTS = [
     caption("cube", "gray"),
 ]
 HELD_OUT_PROMPTS = [caption(shape, colour) for shape, colour in sorted(HELD_OUT)]
+# Objects with a front, where the multi-face ("Janus") failure can happen and be counted: two
+# held in, two held out of training.
+FRONT_PROMPTS = [
+    caption("cube", "red", front="blue"),
+    caption("mug", "blue"),
+    caption("cube", "yellow", front="red"),
+    caption("mug", "yellow"),
+]
+PROMPT_SETS = {"default": HELD_IN_PROMPTS + HELD_OUT_PROMPTS, "front": FRONT_PROMPTS}
 
 ABLATIONS: dict[str, list[str]] = {
     "full": [],
     "no_cg_lora": ["cg_lora.enabled=false"],
     "no_ama": ["ama.enabled=false"],
     "neither": ["cg_lora.enabled=false", "ama.enabled=false"],
+    "no_direction": ["direction_prompts=false"],
+    "no_cg_lora_no_direction": ["cg_lora.enabled=false", "direction_prompts=false"],
 }
 
 _YAWS = np.deg2rad(np.arange(0.0, 90.0, 7.5))  # cube and pyramid repeat every 90 degrees about +y
 
 
 def parse_prompt(prompt: str) -> tuple[str, str]:
-    """'a red cube' -> ('cube', 'red'); exactly one known shape and one known colour."""
-    words = re.findall(r"[a-z]+", prompt.lower())
-    shapes = [w for w in words if w in SHAPES]
-    colours = [w for w in words if w in COLOURS]
-    if len(shapes) != 1 or len(colours) != 1:
-        raise ToyWorldError(
-            f"toy prompt {prompt!r} must name one shape ({', '.join(SHAPES)}) and one colour ({', '.join(COLOURS)})"
-        )
-    return shapes[0], colours[0]
+    """'a red cube' -> ('cube', 'red'), 'a red cube with a blue front' -> ('cube', 'red'): the
+    shape and the body colour (see `toy.world.parse_caption`)."""
+    thing = parse_caption(prompt)
+    return thing.shape, thing.colour
 
 
 def _yaw(points: np.ndarray, angle: float) -> np.ndarray:
@@ -86,7 +104,7 @@ def shape_distances(mesh: Mesh, samples: int = 3000) -> dict[str, tuple[float, f
     rotations about +y (the generated object's yaw is arbitrary): {shape: (distance, yaw)}."""
     generated = _surface_points(normalize_mesh(mesh), samples, seed=1)
     result = {}
-    for shape in SHAPES:
+    for shape in SHAPES + FRONT_SHAPES:
         reference = _surface_points(primitive_mesh(shape), samples, seed=2)
         best = min((chamfer(generated, _yaw(reference, yaw)), yaw) for yaw in _YAWS)
         result[shape] = (float(best[0]), float(best[1]))
@@ -190,6 +208,7 @@ class Score:
     metallic: float | None  # mean over covered texels
     normal_tilt: float | None  # mean degrees over covered texels
     seconds: float
+    front: dict | None = None  # `toy.facing.FrontCount.to_dict()` for an object with a front
 
 
 def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float = 0.0, seed: int = 0) -> Score:
@@ -212,6 +231,8 @@ def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float
     genus = pieces[0].genus if pieces else None
     report = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else {}
     removed = (report.get("mesh") or {}).get("pieces_removed")
+    thing = parse_caption(prompt)
+    front = score_front_run(run_dir, prompt).to_dict() if thing.has_front else None
     return _score(
         prompt, ablation, seed, seconds,
         predicted_shape=predicted_shape,
@@ -226,6 +247,7 @@ def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float
         pieces_removed=None if removed is None else len(removed),
         metallic=float(texels["metallic"].mean()),
         normal_tilt=float(normal_tilt(texels["normal"]).mean()),
+        front=front,
     )
 
 
@@ -240,10 +262,12 @@ def failed_score(prompt: str, ablation: str, seconds: float, seed: int = 0) -> S
 
 
 def _score(prompt: str, ablation: str, seed: int, seconds: float, **measures) -> Score:
-    shape, colour = parse_prompt(prompt)
+    thing = parse_caption(prompt)
+    shape, colour = thing.shape, thing.colour
+    held_out = thing in HELD_OUT_OBJECTS or (not thing.has_front and (shape, colour) in HELD_OUT)
     return Score(
         prompt=prompt,
-        split="held-out" if (shape, colour) in HELD_OUT else "held-in",
+        split="held-out" if held_out else "held-in",
         ablation=ablation,
         seed=seed,
         shape=shape,
@@ -276,10 +300,13 @@ INTERVALS = (
 FLAT_SHAPES = ("cube", "pyramid")
 
 # Proportions: summarized with a Wilson interval.
-PROPORTIONS: dict[str, Callable[[Score], bool]] = {
+PROPORTIONS: dict[str, Callable[[Score], bool | None]] = {
     "shape_accuracy": lambda s: s.shape_correct,
     "colour_accuracy": lambda s: s.colour_correct,
     "topology_accuracy": lambda s: s.topology_correct,
+    # Objects with a front only: exactly one front, where it belongs; two or more (Janus).
+    "front_accuracy": lambda s: None if s.front is None else s.front["correct"],
+    "multi_face_rate": lambda s: None if s.front is None else s.front["multi_face"],
 }
 # Means: summarized with a bootstrap interval; None (a failed run, a shape it does not apply to)
 # is left out. flat_normal_tilt is the tilt on cube and pyramid, whose surface is flat faces
@@ -293,7 +320,8 @@ MEANS: dict[str, Callable[[Score], float | None]] = {
     "pieces": lambda s: s.pieces,
     "seconds": lambda s: s.seconds,
 }
-HIGHER_IS_BETTER = {"shape_accuracy": True, "colour_accuracy": True, "topology_accuracy": True, "iou": True,
+HIGHER_IS_BETTER = {"shape_accuracy": True, "colour_accuracy": True, "topology_accuracy": True,
+                    "front_accuracy": True, "multi_face_rate": False, "iou": True,
                     "delta_e": False, "metallic": False, "normal_tilt": False, "flat_normal_tilt": False,
                     "pieces": False, "seconds": False}
 
@@ -361,9 +389,12 @@ def summarize(scores: list[Score]) -> list[dict]:
             "seeds": sorted({s.seed for s in group}),
         }
         for name, measure in PROPORTIONS.items():
-            successes = sum(bool(measure(s)) for s in group)
-            row[name] = successes / len(group)
-            row[f"{name}_ci"] = list(wilson_interval(successes, len(group)))
+            kept = [bool(measure(s)) for s in group if measure(s) is not None]
+            if not kept:
+                row[name], row[f"{name}_ci"] = None, None
+                continue
+            row[name] = sum(kept) / len(kept)
+            row[f"{name}_ci"] = list(wilson_interval(sum(kept), len(kept)))
         for name, measure in MEANS.items():
             kept = [(measure(s), s.prompt) for s in group if measure(s) is not None]
             if not kept:
@@ -435,8 +466,8 @@ def markdown_table(scores: list[Score]) -> str:
     """The summary per ablation and split, the paired comparison with "full" and every run."""
     lines = [
         "| ablation | split | runs | shape acc. % | colour acc. % | one piece, right genus % | IoU | ΔE | metallic | "
-        "normal tilt ° | tilt on cube/pyramid ° | pieces | s / run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "normal tilt ° | tilt on cube/pyramid ° | pieces | one front, at the front % | multi-face % | s / run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summarize(scores):
         lines.append(
@@ -444,7 +475,8 @@ def markdown_table(scores: list[Score]) -> str:
             f"{_cell(row, 'colour_accuracy', '.0f', True)} | {_cell(row, 'topology_accuracy', '.0f', True)} | "
             f"{_cell(row, 'iou', '.3f')} | {_cell(row, 'delta_e', '.1f')} | {_cell(row, 'metallic', '.2f')} | "
             f"{_cell(row, 'normal_tilt', '.1f')} | {_cell(row, 'flat_normal_tilt', '.1f')} | "
-            f"{_cell(row, 'pieces', '.1f')} | {row['seconds']:.0f} |"
+            f"{_cell(row, 'pieces', '.1f')} | {_cell(row, 'front_accuracy', '.0f', True)} | "
+            f"{_cell(row, 'multi_face_rate', '.0f', True)} | {row['seconds']:.0f} |"
         )
     paired = paired_comparison(scores)
     if paired:
@@ -454,22 +486,23 @@ def markdown_table(scores: list[Score]) -> str:
             "wins/losses/ties of full, sign-test p.",
             "",
             "| ablation | split | pairs | IoU | shape acc. (points) | colour acc. (points) | "
-            "one piece, right genus (points) | ΔE |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "one piece, right genus (points) | ΔE | multi-face (points) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in paired:
             lines.append(
                 f"| {row['ablation']} | {row['split']} | {row['pairs']} | {_difference(row, 'iou', '.3f')} | "
                 f"{_difference(row, 'shape_accuracy', '.0f', True)} | {_difference(row, 'colour_accuracy', '.0f', True)} | "
-                f"{_difference(row, 'topology_accuracy', '.0f', True)} | {_difference(row, 'delta_e', '.1f')} |"
+                f"{_difference(row, 'topology_accuracy', '.0f', True)} | {_difference(row, 'delta_e', '.1f')} | "
+                f"{_difference(row, 'multi_face_rate', '.0f', True)} |"
             )
     lines += [
         "",
         INTERVALS,
         "",
         "| ablation | prompt | seed | split | shape → predicted | colour → predicted | IoU | Chamfer | pieces (removed) | "
-        "genus | ΔE | metallic | tilt ° | s |",
-        "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "genus | ΔE | metallic | tilt ° | fronts (sides) | s |",
+        "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in scores:
         shape = f"{s.shape} → {s.predicted_shape}" + ("" if s.shape_correct else " ✗")
@@ -480,16 +513,25 @@ def markdown_table(scores: list[Score]) -> str:
         lines.append(
             f"| {s.ablation} | {s.prompt} | {s.seed} | {s.split} | {shape} | {colour} | {s.iou:.3f} | "
             f"{number(s.chamfer, '.3f')} | {number(s.pieces, 'd')}{removed} | {genus} | {number(s.delta_e, '.1f')} | "
-            f"{number(s.metallic, '.2f')} | {number(s.normal_tilt, '.1f')} | {s.seconds:.0f} |"
+            f"{number(s.metallic, '.2f')} | {number(s.normal_tilt, '.1f')} | {_fronts(s.front)} | {s.seconds:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def read_prompts(path: Path | None) -> list[str]:
-    if path is None:
-        return HELD_IN_PROMPTS + HELD_OUT_PROMPTS
+def _fronts(front: dict | None) -> str:
+    if front is None:
+        return "-"
+    return f"{front['count']} ({', '.join(front['found'])})" if front["found"] else "0"
+
+
+def read_prompts(source: str | Path | None) -> list[str]:
+    """The benchmark's prompts: a named set ("default": 8 held-in + 6 held-out primitives,
+    "front": the objects with a front), or a text file, one prompt per line."""
+    if source is None or str(source) in PROMPT_SETS:
+        return list(PROMPT_SETS["default" if source is None else str(source)])
+    path = Path(source)
     if not path.is_file():
-        raise ToyWorldError(f"prompts file not found: {path}")
+        raise ToyWorldError(f"prompts file not found: {path} (or name a set: {', '.join(PROMPT_SETS)})")
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
     if not prompts:
         raise ToyWorldError(f"prompts file {path} has no prompts")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from xdreamer.atomic import atomic_path, write_json
 from xdreamer.guidance.loader import PIXEL_MODEL_INDEX

@@ -39,8 +39,9 @@ class AttentionRecorder:
     layers: "all" = every cross-attention layer, in call order; "last" = only the last
         cross-attention at the highest resolution, which is what the authors' code ends up using.
 
-    The UNet call batch is N = 2B ordered [uncond (B); cond (B)]: only the conditional half (the
-    last B rows) is recorded, B being the number of token indices given to `set_token_index`.
+    A UNet call holds N >= B rows whose last B are the conditional ones (N = 2B ordered
+    [uncond; cond] for one call, N = B when score distillation runs the conditional half alone):
+    only those B rows are recorded, B being the number of token indices given to `set_token_index`.
     """
 
     def __init__(self, variant: str = "paper", layers: str = "all"):

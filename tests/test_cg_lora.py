@@ -390,3 +390,23 @@ def test_dropout_masks_come_from_the_call_seed_only():
     assert torch.equal(torch.get_rng_state(), global_state)
     with pytest.raises(CGLoRAError, match="seed"):
         adapter(x, f, f, None)
+
+
+def test_adapters_on_query_and_key_only(model_dirs):
+    """projections=(to_q, to_k): no value/output adapters, zero-initialized output unchanged, and
+    a trained q/k adapter changes the output only through the attention weights."""
+    unet = fresh_unet(model_dirs)
+    latents, t, context = unet_inputs(2)
+    with torch.no_grad():
+        plain = unet(latents, t, context).sample
+    lora = CameraGuidedLoRA(unet, TEXT_DIM, targets="cross", projections=("to_q", "to_k")).eval()
+    assert all(set(layer) == {"to_q", "to_k"} for layer in lora.layers.values())
+    install_attention_processors(unet, lora, None)
+    lora.set_condition(torch.randn(2, TEXT_DIM), torch.randn(2, 6))
+    with torch.no_grad():
+        assert torch.equal(unet(latents, t, context).sample, plain)
+        for layer in lora.layers.values():
+            layer["to_q"].up.weight.normal_(0.0, 1.0)
+        assert not torch.equal(unet(latents, t, context).sample, plain)
+    with pytest.raises(CGLoRAError, match="projections"):
+        CameraGuidedLoRA(unet, TEXT_DIM, projections=("to_x",))

@@ -115,6 +115,9 @@ class CGLoRAConfig:
     # Fresh adapters and camera MLP for the appearance stage, as in the authors' code (its two
     # stages are separate runs); false carries the geometry stage's on (the paper does not say).
     per_stage: bool = True
+    # Which projections of each targeted attention get adapters (the paper and the authors' code:
+    # all four). [to_q, to_k] lets AMA move the attention maps without changing what they write.
+    projections: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out"])
 
 
 @dataclass
@@ -446,6 +449,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"appearance.max_normal_tilt_deg must be in (0, 90], got {cfg.appearance.max_normal_tilt_deg}")
     if not 0.0 <= cfg.cg_lora.dropout < 1.0:
         raise ConfigError(f"cg_lora.dropout must be in [0, 1), got {cfg.cg_lora.dropout}")
+    if not cfg.cg_lora.projections or not set(cfg.cg_lora.projections) <= {"to_q", "to_k", "to_v", "to_out"}:
+        raise ConfigError(f"cg_lora.projections must be some of to_q, to_k, to_v, to_out, got {list(cfg.cg_lora.projections)}")
     if cfg.cg_lora.rank % 2:
         raise ConfigError(f"cg_lora.rank must be even (text and camera halves), got {cfg.cg_lora.rank}")
     if cfg.cg_lora.optimizer == "normalized_sgd" and not cfg.cg_lora.grad_clip > 0:

@@ -31,6 +31,7 @@ from xdreamer.guidance.ama import AttentionRecorder
 CAMERA_FEATURE_DIM = 6
 TARGETS = ("all", "cross")
 OPTIMIZERS = ("normalized_sgd", "sgd", "adamw")
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 
 
 class CGLoRAError(ValueError):
@@ -130,6 +131,8 @@ class CameraGuidedLoRA(nn.Module):
     seed: seeds the adapters' own dropout generator (its state is part of `generator_state()`).
     camera_mlp: a `CameraMLP` of width text_feature_dim to use (built elsewhere, e.g. from its own
         seed); a fresh one by default.
+    projections: which of to_q, to_k, to_v, to_out are adapted (all four in the paper and the
+        authors' code; to_q and to_k change where attention goes but not what it writes).
 
     Before each UNet call, `set_condition` gives the per-sample text and camera features of that
     call's batch (N = 2B, ordered [uncond; cond])."""
@@ -145,8 +148,11 @@ class CameraGuidedLoRA(nn.Module):
         dropout: float = 0.1,
         seed: int = 0,
         camera_mlp: CameraMLP | None = None,
+        projections: tuple[str, ...] = PROJECTIONS,
     ):
         super().__init__()
+        if not projections or not set(projections) <= set(PROJECTIONS):
+            raise CGLoRAError(f"CG-LoRA projections must be some of {', '.join(PROJECTIONS)}, got {list(projections)}")
         if targets not in TARGETS:
             raise CGLoRAError(f"CG-LoRA targets must be one of {TARGETS}, got {targets!r}")
         if rank < 2 or rank % 2:
@@ -168,6 +174,8 @@ class CameraGuidedLoRA(nn.Module):
             key = path.replace(".", "_")
             self.layers[key] = nn.ModuleDict()
             for name, linear in _projections(module).items():
+                if name not in projections:
+                    continue
                 self.layers[key][name] = CGLoRALinear(
                     linear.in_features, linear.out_features, text_feature_dim, rank, scale, dropout, index=count
                 )
@@ -286,7 +294,8 @@ class XDreamerAttnProcessor:
     def _project(self, linear: nn.Module, name: str, x: torch.Tensor, condition) -> torch.Tensor:
         out = linear(x)
         if self.adapters is not None:
-            out = out + self.adapters[name](x, *condition)
+            if name in self.adapters:
+                out = out + self.adapters[name](x, *condition)
         return out
 
     def __call__(
@@ -368,6 +377,7 @@ def install_attention_processors(
                 linear.in_features != lora.layers[key][name].in_features
                 or linear.out_features != lora.layers[key][name].out_features
                 for name, linear in _projections(module).items()
+                if name in lora.layers[key]
             ):
                 raise CGLoRAError(f"CG-LoRA was built for another UNet: no matching attention at {path!r}")
     processors = {}

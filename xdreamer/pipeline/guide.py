@@ -62,6 +62,7 @@ class GuidanceStep:
                 self.cg_lora = CameraGuidedLoRA(
                     guidance.unet, self.text.feature_dim, rank=c.rank, targets=c.targets, scale=c.scale,
                     dropout=c.dropout, seed=part_seed(cfg.seed, "cg_lora_dropout"), camera_mlp=camera_mlp,
+                    projections=tuple(c.projections),
                 ).to(device)
             # The camera MLP trains with the stage's AdamW (as in the authors' code); the
             # adapters with their own optimizer.

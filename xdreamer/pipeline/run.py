@@ -49,7 +49,7 @@ STRUCTURAL_KEYS = (
     "model", "geometry.grid_resolution", "geometry.grid_scale", "geometry.encoding", "geometry.hash_log2_table_size",
     "geometry.frequency_count", "appearance.encoding", "appearance.hash_log2_table_size",
     "appearance.frequency_count", "cg_lora.enabled",
-    "cg_lora.rank", "cg_lora.targets",
+    "cg_lora.rank", "cg_lora.targets", "cg_lora.projections",
 )
 
 

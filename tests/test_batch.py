@@ -18,6 +18,7 @@ from xdreamer.batch import BatchError, Job, error_line, read_jobs, run_names
 from xdreamer.rundir import slug
 from xdreamer.cli import main
 from xdreamer.config import ConfigError, load_config
+from xdreamer.toy.world import FRONT_SHAPES, SHAPES
 
 # A toy run of a few seconds.
 TINY = [
@@ -231,8 +232,7 @@ def test_driver_killed_then_rerun_finishes_without_redoing_runs(tmp_path, reap):
         assert rows[name]["turntable"] == f"{name}/turntable.mp4" and rows[name]["wall_s"] > 0
     # Toy-world prompts are scored; the teapot is not one.
     for name in ["a_red_cube", "a_green_sphere"]:
-        assert 0.0 <= rows[name]["iou"] <= 1.0 and rows[name]["predicted_shape"] in ("cube", "sphere", "cylinder",
-                                                                                   "torus", "cone", "pyramid")
+        assert 0.0 <= rows[name]["iou"] <= 1.0 and rows[name]["predicted_shape"] in SHAPES + FRONT_SHAPES
     assert rows["a_shiny_teapot"]["iou"] is None
     with open(out / "summary.csv", newline="") as f:
         table = list(csv.DictReader(f))

@@ -1,5 +1,5 @@
 """Mesh topology and clean-up on meshes whose answer is known: pieces, genus, and which loose
-pieces `remove_small_pieces` drops."""
+pieces `remove_loose_pieces` drops."""
 
 import math
 
@@ -9,7 +9,13 @@ import torch
 import trimesh
 
 from xdreamer.export.bake import unwrap
-from xdreamer.geometry.cleanup import CleanupError, mesh_pieces, remove_small_pieces, topology_report
+from xdreamer.geometry.cleanup import (
+    CleanupError,
+    describe_topology,
+    mesh_pieces,
+    remove_loose_pieces,
+    topology_report,
+)
 from xdreamer.mesh import Mesh
 from xdreamer.toy.world import SHAPES, primitive_mesh
 
@@ -82,7 +88,7 @@ def test_open_and_non_manifold_pieces_have_no_genus():
 def test_the_tiny_sphere_is_dropped_and_reported():
     big, tiny, moon = sphere(1.0), sphere(0.05, (2.0, 0.0, 0.0), 1), sphere(0.3, (0.0, 2.0, 0.0), 1)
     mesh = from_trimesh(big, tiny, moon)
-    cleaned, dropped = remove_small_pieces(mesh)
+    cleaned, dropped = remove_loose_pieces(mesh)
     # The tiny sphere has 0.25 % of the big one's area, the moon 9 %: only the tiny one goes.
     assert len(dropped) == 1
     (gone,) = dropped
@@ -97,20 +103,44 @@ def test_the_tiny_sphere_is_dropped_and_reported():
     report = topology_report(cleaned, dropped)
     assert (report["pieces"], report["genus"], report["closed"], report["faces_removed"]) == (2, [0, 0], True, len(tiny.faces))
     assert report["pieces_removed"] == [
-        {"faces": len(tiny.faces), "area": gone.area, "volume": gone.volume, "closed": True, "genus": 0}
+        {"faces": len(tiny.faces), "area": gone.area, "volume": gone.volume, "closed": True, "genus": 0, "cavity": False}
     ]
 
     # A larger fraction takes the moon too; 0 keeps everything.
-    assert len(remove_small_pieces(mesh, 0.1)[1]) == 2
-    kept, none = remove_small_pieces(mesh, 0.0)
+    assert len(remove_loose_pieces(mesh, 0.1)[1]) == 2
+    kept, none = remove_loose_pieces(mesh, 0.0)
     assert none == [] and kept is mesh
+
+
+def test_a_cavity_is_dropped_whatever_its_size():
+    outer, pocket = sphere(1.0), sphere(0.5)
+    pocket.invert()  # wound inward: the wall of an empty pocket inside the solid ball
+    mesh = from_trimesh(outer, pocket)
+    assert float(mesh.volume()) == pytest.approx(outer.volume - abs(pocket.volume), rel=1e-5)
+    pieces = mesh_pieces(mesh)
+    assert [(p.cavity, p.genus) for p in pieces] == [(False, 0), (True, 0)]
+    # 25 % of the outer area, far above the 2 % floater threshold, and still removed: the pocket
+    # is filled and the solid's volume is the outer sphere's.
+    assert pieces[1].area / pieces[0].area == pytest.approx(0.25, rel=1e-6)
+    cleaned, dropped = remove_loose_pieces(mesh)
+    assert [p.summary()["cavity"] for p in dropped] == [True] and dropped[0].faces.shape[0] == len(pocket.faces)
+    assert float(cleaned.volume()) == pytest.approx(outer.volume, rel=1e-5)
+    assert topology_report(cleaned, dropped)["pieces"] == 1
+    # The same ball wound outward is a solid piece inside a solid, not a cavity: it stays.
+    assert remove_loose_pieces(from_trimesh(outer, sphere(0.5)))[1] == []
+
+    floater = sphere(0.05, (3.0, 0.0, 0.0), 1)
+    cleaned, dropped = remove_loose_pieces(from_trimesh(outer, pocket, floater))
+    report = topology_report(cleaned, dropped)
+    assert describe_topology(report) == "1 piece, genus 0 (1 loose piece and 1 cavity removed)"
+    assert describe_topology(topology_report(from_trimesh(outer, sphere(0.5, (3.0, 0.0, 0.0))), [])) == "2 pieces, genus 0, 0"
 
 
 def test_removal_keeps_uvs_with_their_vertices():
     big, tiny = sphere(1.0), sphere(0.05, (2.0, 0.0, 0.0), 1)
     mesh = from_trimesh(big, tiny)
     mesh.uvs = torch.rand(mesh.vertices.shape[0], 2, generator=torch.Generator().manual_seed(0))
-    cleaned, _ = remove_small_pieces(mesh)
+    cleaned, _ = remove_loose_pieces(mesh)
     n = len(big.vertices)
     assert torch.equal(cleaned.vertices, mesh.vertices[:n]) and torch.equal(cleaned.uvs, mesh.uvs[:n])
     assert torch.equal(cleaned.faces, mesh.faces[: len(big.faces)])
@@ -118,4 +148,4 @@ def test_removal_keeps_uvs_with_their_vertices():
 
 def test_bad_fraction_is_a_user_error():
     with pytest.raises(CleanupError):
-        remove_small_pieces(from_trimesh(sphere()), 1.5)
+        remove_loose_pieces(from_trimesh(sphere()), 1.5)

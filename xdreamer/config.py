@@ -69,7 +69,8 @@ class GeometryConfig:
     laplacian_weight: float = 0.0
     sdf_weight: float = 0.0
     # Loose pieces with less than this fraction of the largest piece's area are dropped from the
-    # stage's final mesh (0 keeps everything); see xdreamer/geometry/cleanup.py for the choice.
+    # stage's final mesh, and so are cavities, enclosed pockets that no viewer can see (0 keeps
+    # everything); see xdreamer/geometry/cleanup.py for the choice.
     min_piece_fraction: float = 0.02
 
 

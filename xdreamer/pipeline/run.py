@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import xdreamer
 from xdreamer.distributed import DataParallel
+from xdreamer.geometry.cleanup import describe_topology
 from xdreamer.guidance.loader import GuidanceModel
 from xdreamer.guidance.loss_scale import DynamicLossScaler
 from xdreamer.mesh import Mesh
@@ -455,7 +456,8 @@ class Run:
             self.checkpoint()
             self.report("done")
             summary = ", ".join(f"{k}: {v}" for k, v in written.items())
-            print(f"xdreamer: done in {sum(s.timings.values()):.0f} s — {summary}")
+            mesh = f" — mesh: {describe_topology(s.mesh)}" if s.mesh else ""
+            print(f"xdreamer: done in {sum(s.timings.values()):.0f} s{mesh} — {summary}")
         return 0
 
     def export(self, formats: list[str], texture_size: int) -> dict[str, str]:

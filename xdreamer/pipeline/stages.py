@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from xdreamer.appearance.material import MaterialNetwork
 from xdreamer.atomic import atomic_path
-from xdreamer.geometry.cleanup import remove_small_pieces, topology_report
+from xdreamer.geometry.cleanup import remove_loose_pieces, topology_report
 from xdreamer.geometry.dmtet import DMTetGeometry, marching_tetrahedra
 from xdreamer.geometry.init import MeshSDF, ellipsoid_sdf, fit_geometry_to_sdf, normalize_mesh
 from xdreamer.geometry.regularizers import laplacian_smoothness, normal_consistency, sdf_sign_regularizer, tet_edges
@@ -162,11 +162,12 @@ class GeometryStage(_Stage):
     @torch.no_grad()
     def final_mesh(self) -> tuple[Mesh, dict]:
         """The stage's result: the extracted mesh without loose pieces smaller than
-        `geometry.min_piece_fraction` of the largest, and what was found and removed."""
+        `geometry.min_piece_fraction` of the largest and without cavities, and what was found and
+        removed."""
         mesh = self.geometry().detach()
         dropped = []
         if self.cfg.geometry.min_piece_fraction > 0 and mesh.faces.shape[0]:
-            mesh, dropped = remove_small_pieces(mesh, self.cfg.geometry.min_piece_fraction)
+            mesh, dropped = remove_loose_pieces(mesh, self.cfg.geometry.min_piece_fraction)
         return mesh, topology_report(mesh, dropped) if mesh.faces.shape[0] else {"pieces": 0}
 
 

@@ -33,6 +33,22 @@ WORDS = [
 ]
 
 
+def _vae(block_out_channels: tuple[int, ...], sample_size: int) -> AutoencoderKL:
+    """SD's VAE layout (4 down/up blocks, 4 latent channels, scaling 0.18215) at the given widths."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size,
+        scaling_factor=0.18215,
+    ).eval()
+
+
 def _scheduler() -> DDPMScheduler:
     # Stable Diffusion's noise schedule.
     return DDPMScheduler(
@@ -89,18 +105,7 @@ def make_tiny_sd(directory: str | Path, variant: str = "sd1", seed: int = 0) -> 
     directory = Path(directory)
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(directory / "tokenizer", WORDS)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=0.18215,
-    ).eval()
+    vae = _vae((8, 8, 16, 16), 64)
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=_text_encoder(tokenizer),
@@ -225,18 +230,7 @@ def make_tiny_sd21(directory: str | Path, head_dim: int = 2, seed: int = 0) -> P
         pad_token_id=0,
         projection_dim=SD21_TEXT_DIM,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    ).eval()
+    vae = _vae((4, 8, 8, 8), 512)
     scheduler = PNDMScheduler(
         **{k: v for k, v in SD21_SCHEDULER_CONFIG.items() if not k.startswith("_") and k != "clip_sample"}
     )

@@ -293,9 +293,8 @@ class XDreamerAttnProcessor:
 
     def _project(self, linear: nn.Module, name: str, x: torch.Tensor, condition) -> torch.Tensor:
         out = linear(x)
-        if self.adapters is not None:
-            if name in self.adapters:
-                out = out + self.adapters[name](x, *condition)
+        if self.adapters is not None and name in self.adapters:
+            out = out + self.adapters[name](x, *condition)
         return out
 
     def __call__(

@@ -25,7 +25,7 @@ from xdreamer.atomic import write_json, write_text
 from xdreamer.geometry.cleanup import mesh_pieces
 from xdreamer.geometry.init import MeshSDF, normalize_mesh, volumetric_iou
 from xdreamer.mesh import Mesh, load_mesh
-from xdreamer.toy.facing import score_front_run
+from xdreamer.toy.facing import sample_mesh, score_front_run
 from xdreamer.toy.world import (
     COLOURS,
     FRONT_SHAPES,
@@ -37,6 +37,7 @@ from xdreamer.toy.world import (
     ground_truth_sdf,
     parse_caption,
     primitive_mesh,
+    srgb_to_lab,
 )
 
 # Held-in prompts cover every shape and colour once; held-out are the six pairs never trained on.
@@ -85,13 +86,6 @@ def _yaw(points: np.ndarray, angle: float) -> np.ndarray:
     return points @ np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]]).T
 
 
-def _surface_points(mesh: Mesh, count: int, seed: int = 0) -> np.ndarray:
-    import trimesh
-
-    points, _ = trimesh.sample.sample_surface(mesh.to_trimesh(), count, seed=seed)
-    return np.asarray(points)
-
-
 def chamfer(a: np.ndarray, b: np.ndarray) -> float:
     """Symmetric Chamfer distance: mean nearest-neighbour distance both ways, averaged."""
     from scipy.spatial import cKDTree
@@ -102,10 +96,10 @@ def chamfer(a: np.ndarray, b: np.ndarray) -> float:
 def shape_distances(mesh: Mesh, samples: int = 3000) -> dict[str, tuple[float, float]]:
     """Chamfer distance from the normalized `mesh` to each normalized primitive, minimized over
     rotations about +y (the generated object's yaw is arbitrary): {shape: (distance, yaw)}."""
-    generated = _surface_points(normalize_mesh(mesh), samples, seed=1)
+    generated = sample_mesh(normalize_mesh(mesh), samples, seed=1)[0]
     result = {}
     for shape in SHAPES + FRONT_SHAPES:
-        reference = _surface_points(primitive_mesh(shape), samples, seed=2)
+        reference = sample_mesh(primitive_mesh(shape), samples, seed=2)[0]
         best = min((chamfer(generated, _yaw(reference, yaw)), yaw) for yaw in _YAWS)
         result[shape] = (float(best[0]), float(best[1]))
     return result
@@ -162,15 +156,9 @@ def normal_tilt(normal: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(unit[:, 2].clip(-1.0, 1.0)))
 
 
-def _lab(srgb) -> np.ndarray:
-    import cv2
-
-    return cv2.cvtColor(np.asarray(srgb, dtype=np.float32).reshape(1, 1, 3), cv2.COLOR_RGB2Lab).reshape(3)
-
-
 def delta_e(srgb_a, srgb_b) -> float:
     """CIE76 colour difference: Euclidean distance in CIELAB (OpenCV's conversion, D65) of two sRGB colours."""
-    return float(np.linalg.norm(_lab(srgb_a) - _lab(srgb_b)))
+    return float(np.linalg.norm(srgb_to_lab(srgb_a) - srgb_to_lab(srgb_b)))
 
 
 def nearest_colour(srgb: np.ndarray) -> tuple[str, float]:
@@ -213,7 +201,8 @@ class Score:
 
 def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float = 0.0, seed: int = 0) -> Score:
     """Score one finished run directory against its prompt's ground truth."""
-    shape, colour = parse_prompt(prompt)
+    thing = parse_caption(prompt)
+    shape, colour = thing.shape, thing.colour
     mesh = load_mesh(run_dir / "geometry" / "mesh.ply")
     distances = shape_distances(mesh)
     predicted_shape = min(distances, key=lambda s: distances[s][0])
@@ -231,7 +220,6 @@ def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float
     genus = pieces[0].genus if pieces else None
     report = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else {}
     removed = (report.get("mesh") or {}).get("pieces_removed")
-    thing = parse_caption(prompt)
     front = score_front_run(run_dir, prompt).to_dict() if thing.has_front else None
     return _score(
         prompt, ablation, seed, seconds,

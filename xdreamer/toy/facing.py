@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from xdreamer.mesh import Mesh, load_mesh
-from xdreamer.toy.world import COLOURS, ToyWorldError, parse_caption
+from xdreamer.toy.world import COLOURS, ToyWorldError, parse_caption, srgb_to_lab
 
 SIDES: tuple[str, ...] = ("front", "right", "back", "left")  # azimuth 0, 90, 180, -90 degrees
 
@@ -84,19 +84,15 @@ def side_index(directions: np.ndarray) -> np.ndarray:
     return np.round(azimuth / 90.0).astype(np.int64) % 4
 
 
-def _lab(srgb: np.ndarray) -> np.ndarray:
-    import cv2
-
-    return cv2.cvtColor(np.asarray(srgb, dtype=np.float32).reshape(-1, 1, 3), cv2.COLOR_RGB2Lab).reshape(-1, 3)
-
-
 def count_front_colour(normals: np.ndarray, colours: np.ndarray, body: str, front: str) -> FrontCount:
     """Sides whose area is mostly in the `front` colour rather than the `body` colour.
 
     normals: (N, 3) unit normals and colours: (N, 3) sRGB in [0, 1] of equal-area surface
     samples (uniform in area, so a count is an area)."""
-    lab = _lab(colours)
-    nearer_front = np.linalg.norm(lab - _lab(COLOURS[front]), axis=-1) < np.linalg.norm(lab - _lab(COLOURS[body]), axis=-1)
+    lab = srgb_to_lab(colours)
+    nearer_front = np.linalg.norm(lab - srgb_to_lab(COLOURS[front]), axis=-1) < np.linalg.norm(
+        lab - srgb_to_lab(COLOURS[body]), axis=-1
+    )
     sideways = np.abs(normals[:, 1]) < SIDEWAYS
     side = side_index(normals)
     shares = {}

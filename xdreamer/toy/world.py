@@ -113,12 +113,17 @@ def training_pairs() -> list[tuple[str, str]]:
     return [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in HELD_OUT]
 
 
-def colour_difference(a: str, b: str) -> float:
-    """CIELAB ΔE between two named colours (OpenCV's conversion of their sRGB values)."""
+def srgb_to_lab(srgb) -> np.ndarray:
+    """sRGB in [0, 1], any shape (..., 3) -> CIELAB of the same shape (OpenCV's conversion, D65)."""
     import cv2
 
-    lab = [cv2.cvtColor(np.asarray(COLOURS[n], dtype=np.float32).reshape(1, 1, 3), cv2.COLOR_RGB2Lab).reshape(3) for n in (a, b)]
-    return float(np.linalg.norm(lab[0] - lab[1]))
+    srgb = np.asarray(srgb, dtype=np.float32)
+    return cv2.cvtColor(srgb.reshape(-1, 1, 3), cv2.COLOR_RGB2Lab).reshape(srgb.shape)
+
+
+def colour_difference(a: str, b: str) -> float:
+    """CIELAB ΔE between two named colours."""
+    return float(np.linalg.norm(srgb_to_lab(COLOURS[a]) - srgb_to_lab(COLOURS[b])))
 
 
 @dataclass(frozen=True)

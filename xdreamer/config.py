@@ -68,6 +68,14 @@ class GeometryConfig:
     normal_consistency_weight: float = 0.0
     laplacian_weight: float = 0.0
     sdf_weight: float = 0.0
+    # Silhouette carving (xdreamer/geometry/carving.py; 0 = off, as in the paper): where the
+    # guidance's denoised image shows background inside the silhouette, push the SDF outward
+    # along those pixels' rays, so holes (a torus, a handle) can open. The denoised image is
+    # predicted at carve_guidance_scale (the stage's own scale exaggerates colours into black
+    # specks); pixel values below carve_threshold count as background.
+    carve_weight: float = 0.0
+    carve_guidance_scale: float = 4.0
+    carve_threshold: float = 0.1
     # Loose pieces with less than this fraction of the largest piece's area are dropped from the
     # stage's final mesh, and so are cavities, enclosed pockets that no viewer can see (0 keeps
     # everything); see xdreamer/geometry/cleanup.py for the choice.
@@ -367,7 +375,8 @@ _POSITIVE = ["init.lr", "geometry.lr", "appearance.lr", "cg_lora.lr", "geometry.
              "appearance.environment_scale"]
 _NON_NEGATIVE = ["ama.weight", "geometry.guidance_scale", "appearance.guidance_scale", "camera.jitter",
                  "cg_lora.grad_clip", "cg_lora.scale", "geometry.normal_consistency_weight",
-                 "geometry.laplacian_weight", "geometry.sdf_weight", "geometry.min_piece_fraction"]
+                 "geometry.laplacian_weight", "geometry.sdf_weight", "geometry.min_piece_fraction",
+                 "geometry.carve_weight", "geometry.carve_guidance_scale", "geometry.carve_threshold"]
 
 
 def _floats(node, prefix: str = ""):

@@ -102,6 +102,17 @@ class GuidanceModel:
         latents = posterior.sample(generator) if generator is not None else posterior.mode()
         return ((latents - self.shift_factor) * self.scaling_factor).float()
 
+    def decode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input (B, C, h, w) -> images (B, H, W, 3) in [0, 1] at `image_size`, the
+        inverse of `encode_images` (a VAE decode for latent models), without gradients."""
+        with torch.no_grad():
+            if self.vae is None:
+                images = (x.float() + 1.0) / 2.0
+            else:
+                latents = (x / self.scaling_factor + self.shift_factor).to(self.device, self.dtype)
+                images = (self.vae.decode(latents).sample.float() + 1.0) / 2.0
+        return images.clamp(0, 1).permute(0, 2, 3, 1)
+
     def release_text_encoder(self) -> None:
         """Drop the text encoder once all prompts are embedded, to free its memory."""
         self.text_encoder = None

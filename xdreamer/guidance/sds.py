@@ -81,13 +81,16 @@ def to_unet_dtype(x: torch.Tensor, model: GuidanceModel) -> torch.Tensor:
 @dataclass
 class SDSOutput:
     """loss: scalar whose gradient on the input x is grad / B; grad: (B, C, h, w) float32 per-view
-    SDS gradient; noise_pred_cfg: (B, C, h, w) float32 guided noise prediction; skipped: the
-    gradient was not finite and was zeroed (the caller counts these steps)."""
+    SDS gradient; noise_pred_cfg: (B, C, h, w) float32 guided noise prediction, and
+    noise_uncond / noise_cond the two it extrapolates from (detached); skipped: the gradient was
+    not finite and was zeroed (the caller counts these steps)."""
 
     loss: torch.Tensor
     grad: torch.Tensor
     noise_pred_cfg: torch.Tensor
     skipped: bool
+    noise_uncond: torch.Tensor
+    noise_cond: torch.Tensor
 
 
 def predict_noise(
@@ -174,13 +177,13 @@ def score_distillation(
     if not torch.isfinite(grad).all():
         # A zero loss that still reaches the latents keeps the caller's backward pass uniform.
         zero = latents.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
-        return SDSOutput(zero, torch.zeros_like(grad), noise_pred_cfg, True)
+        return SDSOutput(zero, torch.zeros_like(grad), noise_pred_cfg, True, noise_uncond.detach(), noise_cond.detach())
     grad = grad.to(latents.dtype)
     # A linear surrogate gives exactly grad / B as gradient; its value is replaced by the usual
     # 0.5 ||x - (x - grad)||² / B so the logged loss stays meaningful.
     surrogate = (latents * grad).sum() / batch
     loss = surrogate - surrogate.detach() + 0.5 * grad.float().square().sum() / batch
-    return SDSOutput(loss, grad, noise_pred_cfg, False)
+    return SDSOutput(loss, grad, noise_pred_cfg, False, noise_uncond.detach(), noise_cond.detach())
 
 
 def normal_mask_latents(normal: torch.Tensor, mask: torch.Tensor, size: int = 64) -> torch.Tensor:

@@ -24,12 +24,27 @@ from xdreamer.render.camera import Cameras
 class GuideOutput:
     """losses: "sds", "ama" (when on) and "total" = sds + ama.weight * ama, scalar tensors;
     skipped: the SDS gradient was not finite and was zeroed; maps: the recorded attention maps,
-    each (B, h, w), when recorded; alignment: {map side: IoU} when measured."""
+    each (B, h, w), when recorded; alignment: {map side: IoU} when measured. The rest, detached,
+    is what `denoised` needs: the model input x (B, C, h, w), the noise ε added to it, the
+    unconditional and conditional predictions ε̂_u, ε̂_c, and each view's ᾱ_t (B,)."""
 
     losses: dict[str, torch.Tensor]
     skipped: bool
     maps: list[torch.Tensor] | None
     alignment: dict[int, float] | None
+    model_input: torch.Tensor
+    noise: torch.Tensor
+    noise_uncond: torch.Tensor
+    noise_cond: torch.Tensor
+    alphas: torch.Tensor
+
+    def denoised(self, guidance_scale: float) -> torch.Tensor:
+        """(B, C, h, w) the model's prediction of the clean input at `guidance_scale`:
+        x + sqrt((1 - ᾱ_t) / ᾱ_t) (ε - ε̂), ε̂ = ε̂_u + s (ε̂_c - ε̂_u) (at the SDS step's own scale,
+        what SDS pulls the render toward)."""
+        prediction = self.noise_uncond + guidance_scale * (self.noise_cond - self.noise_uncond)
+        alpha = self.alphas.view(-1, 1, 1, 1)
+        return self.model_input + ((1.0 - alpha) / alpha).sqrt() * (self.noise - prediction)
 
 
 class GuidanceStep:
@@ -162,7 +177,10 @@ class GuidanceStep:
             total = total + cfg.ama.weight * losses["ama"]
         losses["total"] = total
         alignment = attention_mask_iou(maps, mask) if diagnose and maps else None
-        return GuideOutput(losses, sds.skipped, maps, alignment)
+        return GuideOutput(
+            losses, sds.skipped, maps, alignment, model_input.detach().float(), noise.to(self.device).float(),
+            sds.noise_uncond, sds.noise_cond, self.guidance.alphas_cumprod[t.to(self.device)],
+        )
 
     def zero_grad(self) -> None:
         if self.optimizer is not None:

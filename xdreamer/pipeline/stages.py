@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from xdreamer.appearance.material import MaterialNetwork
 from xdreamer.atomic import atomic_path
+from xdreamer.geometry.carving import background_pixels, carve_loss
 from xdreamer.geometry.cleanup import remove_loose_pieces, topology_report
 from xdreamer.geometry.dmtet import DMTetGeometry, marching_tetrahedra
 from xdreamer.geometry.init import MeshSDF, ellipsoid_sdf, fit_geometry_to_sdf, normalize_mesh
@@ -127,7 +129,8 @@ class GeometryStage(_Stage):
             return None
         out = render_geometry(mesh, cameras.to(self.device), g.render_resolution, backend=self.rasterizer)
         normal, mask = out["normal"], out["mask"]
-        if self.guide.guidance.is_latent and step < g.latent_phase_iters:
+        early_latents = self.guide.guidance.is_latent and step < g.latent_phase_iters
+        if early_latents:
             model_input = normal_mask_latents(normal, mask, self.guide.guidance.sample_size)
             t_range, weighting = g.t_range_early, g.weighting_early
         else:
@@ -139,6 +142,9 @@ class GeometryStage(_Stage):
             diagnose or attention_png is not None,
         )
         losses = result.losses
+        if g.carve_weight > 0 and not early_latents:
+            losses["carve"] = self.carve(result.denoised(g.carve_guidance_scale), mask, cameras)
+            losses["total"] = losses["total"] + g.carve_weight * losses["carve"]
         if g.normal_consistency_weight > 0:
             losses["normal_consistency"] = normal_consistency(mesh)
             losses["total"] = losses["total"] + g.normal_consistency_weight * losses["normal_consistency"]
@@ -153,6 +159,16 @@ class GeometryStage(_Stage):
         if attention_png is not None and result.maps:
             save_attention_visualization(attention_png, (normal * 0.5 + 0.5) * mask, mask, result.maps)
         return result
+
+    def carve(self, denoised: torch.Tensor, mask: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+        """The silhouette-carving loss (geometry/carving.py) of one step: denoised (B, C, h, w) the
+        guidance's prediction of the clean normal maps, mask (B, H, W, 1) the render's coverage."""
+        images = self.guide.guidance.decode_images(denoised)  # (B, S, S, 3)
+        size = images.shape[1]
+        coverage = F.interpolate(mask.detach().permute(0, 3, 1, 2), size=(size, size), mode="area").permute(0, 2, 3, 1)
+        carve = background_pixels(images, coverage, self.cfg.geometry.carve_threshold)
+        origins, directions = cameras.to(self.device).pixel_rays(size)
+        return carve_loss(self.geometry.sdf_at, origins, directions, carve, self.geometry.grid_scale / 2)
 
     def validate(self, path: Path) -> None:
         with torch.no_grad():

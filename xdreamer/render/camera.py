@@ -74,6 +74,19 @@ class Cameras:
         cy = height / 2 * (1 - self.shift[:, 1])
         return torch.stack([fl_x, fl_y, cx, cy], dim=-1)
 
+    def pixel_rays(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rays through the pixel centres of a square size x size image (row 0 at the top, as
+        the rasterizer's images): origins (B, 3) world camera positions, directions (B, size,
+        size, 3) world unit vectors; the inverse of `projection`, principal-point shift included."""
+        centres = (torch.arange(size, device=self.device, dtype=self.c2w.dtype) + 0.5) / size * 2 - 1
+        y_ndc, x_ndc = -centres[:, None].expand(size, size), centres[None, :].expand(size, size)
+        focal = (1.0 / torch.tan(self.fov_y / 2)).view(-1, 1, 1)
+        x = (x_ndc[None] - self.shift[:, 0].view(-1, 1, 1)) / focal
+        y = (y_ndc[None] - self.shift[:, 1].view(-1, 1, 1)) / focal
+        camera = torch.stack([x, y, -torch.ones_like(x)], dim=-1)  # OpenGL: the camera looks down -z
+        directions = torch.einsum("bij,bhwj->bhwi", self.c2w[:, :3, :3], camera)
+        return self.position, directions / directions.norm(dim=-1, keepdim=True)
+
     def features(self) -> torch.Tensor:
         """(B, 6) normalized camera numbers for CG-LoRA's camera MLP: position / radius-scale
         squashed by tanh, elevation / 90, azimuth / 180, fov mapped from [15, 60] deg to [-1, 1]."""

@@ -145,3 +145,14 @@ def test_fit_to_a_normalized_torus_reaches_iou_095():
     surface = extracted.to_trimesh()
     surface.merge_vertices()
     assert surface.is_watertight and surface.euler_number == 0
+
+
+def test_initial_shape_areas():
+    """The areas the collapse check compares against: Thomsen's formula for the ellipsoid (within
+    its 1.1 %) and the triangles' sum for a mesh."""
+    radii = [0.56, 0.76, 0.56]
+    sphere = trimesh.creation.icosphere(subdivisions=6)
+    sphere.vertices *= radii
+    assert ellipsoid_sdf(radii).area == pytest.approx(sphere.area, rel=0.011)
+    assert ellipsoid_sdf([1.0, 1.0, 1.0]).area == pytest.approx(4 * math.pi, rel=1e-9)
+    assert MeshSDF(Mesh.from_arrays(sphere.vertices, sphere.faces)).area == pytest.approx(sphere.area, rel=1e-6)  # float32 vertices

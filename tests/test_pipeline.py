@@ -434,3 +434,22 @@ def test_an_edited_learning_rate_takes_effect_on_resume(tmp_path, monkeypatch, c
     assert "using geometry.lr=0.0002 from config.yaml (the checkpoint had 0.001)" in capsys.readouterr().out
     groups = checkpoint(run)["geometry_optimizer"]["param_groups"]
     assert {g["lr"] for g in groups} == {0.0002}
+
+
+def test_a_mesh_that_shrinks_below_the_collapse_fraction_counts_as_collapsed(tmp_path):
+    """geometry.collapse_fraction draws the line against the initial shape's area: at 0.5 the tiny
+    run never crosses it; at 0.999 every step is below it (the fitted 16^3 mesh has less area than
+    the exact ellipsoid), so every step restores until the run gives up with one line."""
+    kept = generate(tmp_path / "kept", "geometry.collapse_fraction=0.5")
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    assert json.loads((tmp_path / "kept" / "report.json").read_text())["restored_checkpoints"] == []
+
+    run = tmp_path / "collapsing"
+    result = generate(run, "geometry.collapse_fraction=0.999")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "the run went bad 6 times (last: the mesh collapsed at geometry step 0)" in last
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert [r["reason"] for r in report["restored_checkpoints"]] == ["the mesh collapsed"] * 5
+    assert [r["lr"] for r in report["restored_checkpoints"]] == [0.001 * 0.5**k for k in range(1, 6)]

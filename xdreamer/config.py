@@ -76,6 +76,10 @@ class GeometryConfig:
     carve_weight: float = 0.0
     carve_guidance_scale: float = 4.0
     carve_threshold: float = 0.1
+    # The stage counts as collapsed (and goes back to its last good checkpoint with half the
+    # learning rate) when the mesh's area falls below this fraction of the initial shape's: on
+    # the way to nothing SDS can leave slivers that never recover (a white pyramid, 0.10).
+    collapse_fraction: float = 0.05
     # Loose pieces with less than this fraction of the largest piece's area are dropped from the
     # stage's final mesh, and so are cavities, enclosed pockets that no viewer can see (0 keeps
     # everything); see xdreamer/geometry/cleanup.py for the choice.
@@ -469,6 +473,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"ama.token must be eot, eot_pair or a token index, got {cfg.ama.token!r}")
     if cfg.geometry.max_offset is not None and not cfg.geometry.max_offset > 0:
         raise ConfigError(f"geometry.max_offset must be positive (or empty for the authors' bound), got {cfg.geometry.max_offset}")
+    if not 0.0 <= cfg.geometry.collapse_fraction < 1.0:
+        raise ConfigError(f"geometry.collapse_fraction must be in [0, 1), got {cfg.geometry.collapse_fraction}")
     if not 0.0 <= cfg.geometry.min_piece_fraction < 1.0:
         raise ConfigError(f"geometry.min_piece_fraction must be in [0, 1), got {cfg.geometry.min_piece_fraction}")
     if not cfg.export.formats:

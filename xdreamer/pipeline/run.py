@@ -337,7 +337,7 @@ class Run:
             attention_png = self._image(self.paths.attention, f"{stage.name}_{step:05d}.png")
         result = stage.step(step, cameras, diagnose, attention_png)
         if result is None:
-            self.restore_last_good("the mesh collapsed to nothing")
+            self.restore_last_good("the mesh collapsed")
             return "restored"
         stage.optimizer.zero_grad(set_to_none=True)
         self.guide.zero_grad()

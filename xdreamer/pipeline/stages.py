@@ -8,6 +8,7 @@ over the fixed mesh, rendered with split-sum PBR shading."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from xdreamer.atomic import atomic_path
 from xdreamer.geometry.carving import background_pixels, carve_loss
 from xdreamer.geometry.cleanup import remove_loose_pieces, topology_report
 from xdreamer.geometry.dmtet import DMTetGeometry, marching_tetrahedra
-from xdreamer.geometry.init import MeshSDF, ellipsoid_sdf, fit_geometry_to_sdf, normalize_mesh
+from xdreamer.geometry.init import EllipsoidSDF, MeshSDF, ellipsoid_sdf, fit_geometry_to_sdf, normalize_mesh
 from xdreamer.geometry.regularizers import laplacian_smoothness, normal_consistency, sdf_sign_regularizer, tet_edges
 from xdreamer.guidance.ama import save_attention_visualization
 from xdreamer.guidance.sds import normal_mask_latents
@@ -104,11 +105,21 @@ class GeometryStage(_Stage):
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.geometry.parameters()) + self.guide.camera_parameters
 
+    def _initial_shape(self) -> EllipsoidSDF | MeshSDF:
+        i = self.cfg.init
+        return ellipsoid_sdf(list(i.radii)) if i.shape == "ellipsoid" else MeshSDF(normalize_mesh(load_mesh(i.shape)))
+
+    @functools.cached_property
+    def collapse_area(self) -> float:
+        """Below this mesh area the stage has collapsed: `geometry.collapse_fraction` of the
+        initial shape's area (from the config, so a resumed run draws the same line)."""
+        return self.cfg.geometry.collapse_fraction * self._initial_shape().area
+
     def initialize(self) -> list[float]:
         """Fit the SDF to the initial shape (ellipsoid or the user's mesh); the stage optimizer
         starts fresh afterwards. Returns the fit's losses."""
         i = self.cfg.init
-        target = ellipsoid_sdf(list(i.radii)) if i.shape == "ellipsoid" else MeshSDF(normalize_mesh(load_mesh(i.shape)))
+        target = self._initial_shape()
         losses = fit_geometry_to_sdf(
             self.geometry, target, target.sample_surface, generator=self.generator, steps=i.steps, lr=i.lr
         )
@@ -122,10 +133,11 @@ class GeometryStage(_Stage):
 
     def step(self, step: int, cameras: Cameras, diagnose: bool, attention_png: Path | None) -> GuideOutput | None:
         """One geometry step: the guidance output with the regularizers added to its losses (and
-        to "total"); None when the mesh has collapsed to nothing."""
+        to "total"); None when the mesh has collapsed (no faces, or less area than
+        `collapse_area`)."""
         cfg, g = self.cfg, self.cfg.geometry
         mesh, sdf = self._mesh_and_sdf()
-        if mesh.faces.shape[0] == 0:
+        if mesh.faces.shape[0] == 0 or float(mesh.area().detach()) < self.collapse_area:
             return None
         out = render_geometry(mesh, cameras.to(self.device), g.render_resolution, backend=self.rasterizer)
         normal, mask = out["normal"], out["mask"]

@@ -179,6 +179,8 @@ def test_latent_sd_model_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = check_run_dir(run)
     assert report["final_losses"]["geometry/ama"] >= 0.0
+    # Silhouette carving (the toy preset's) reads the denoised image through the VAE decoder.
+    assert report["final_losses"]["geometry/carve"] >= 0.0
     lora = checkpoint(run)["guide"]["cg_lora"]
     assert any(k.startswith("camera_mlp") for k in lora)
     # AMA trained CG-LoRA: its zero-initialized up matrices have moved.

@@ -36,6 +36,9 @@ from xdreamer.render.raster import Rasterizer
 from xdreamer.render.shade import render_pbr
 
 
+CARVE_RESOLUTION = 64
+
+
 def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
     # METHOD's settings for both stages' networks (and the camera MLP, as in the authors' code).
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.99), eps=1e-15)
@@ -176,9 +179,14 @@ class GeometryStage(_Stage):
         """The silhouette-carving loss (geometry/carving.py) of one step: denoised (B, C, h, w) the
         guidance's prediction of the clean normal maps, mask (B, H, W, 1) the render's coverage."""
         images = self.guide.guidance.decode_images(denoised)  # (B, S, S, 3)
-        size = images.shape[1]
-        coverage = F.interpolate(mask.detach().permute(0, 3, 1, 2), size=(size, size), mode="area").permute(0, 2, 3, 1)
-        carve = background_pixels(images, coverage, self.cfg.geometry.carve_threshold)
+        # Holes are judged at most at 64^2 (the toy model sees 32^2; SD's 512^2 decode is resized),
+        # so "3x3 pixels" means the same share of the view for every model.
+        size = min(images.shape[1], CARVE_RESOLUTION)
+
+        def resized(x: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(x.permute(0, 3, 1, 2), size=(size, size), mode="area").permute(0, 2, 3, 1)
+
+        carve = background_pixels(resized(images), resized(mask.detach()), self.cfg.geometry.carve_threshold)
         origins, directions = cameras.to(self.device).pixel_rays(size)
         return carve_loss(self.geometry.sdf_at, origins, directions, carve, self.geometry.grid_scale / 2)
 

@@ -150,3 +150,20 @@ def test_decode_images_inverts_encode_images_for_a_pixel_model():
     model = load_guidance_model("toy", "cpu")
     images = torch.rand(2, model.image_size, model.image_size, 3, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(model.decode_images(model.encode_images(images)), images, atol=1e-6)
+
+
+def test_denoised_is_the_clean_input_the_noise_prediction_implies():
+    from xdreamer.pipeline.guide import GuideOutput
+
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    uncond, cond = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    alphas = torch.tensor([0.9, 0.2])
+    out = GuideOutput({}, False, None, None, x, noise, uncond, cond, alphas)
+    a = alphas.view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x + (1 - a).sqrt() * noise
+    for scale in (1.0, 4.0, 20.0):
+        prediction = uncond + scale * (cond - uncond)
+        torch.testing.assert_close(out.denoised(scale), (noisy - (1 - a).sqrt() * prediction) / a.sqrt())
+    exact = GuideOutput({}, False, None, None, x, noise, noise, noise, alphas)  # ε̂ = ε
+    torch.testing.assert_close(exact.denoised(7.5), x)

@@ -5,7 +5,7 @@ SDS reaches a rasterized mesh through its shading and, for coverage, only throug
 antialiased pixels on the silhouette's edge: a pixel inside the silhouette can change colour but
 never turn into background. So a disc never becomes a ring, however clearly the guidance asks for
 one — and it does: from the normal map of a flat disc, the toy model's denoised image
-(`GuideOutput.denoised`) shows a torus' hole at t >= 0.3 (docs/toy_model.md). The carving term
+(`GuideOutput.denoised`) shows a torus' hole (docs/toy_model/carving.png). The carving term
 reads that image, takes the pixels where it shows background well inside the render's
 silhouette, and pushes the SDF along those pixels' camera rays outward:
 
@@ -87,10 +87,10 @@ def carve_loss(
     """The carving loss (module docstring) for the rays of the True pixels of `carve` (B, h, w).
 
     sdf_at: world points (M, 3) -> SDF (M,), negative inside; origins (B, 3) and directions
-    (B, h, w, 3) unit vectors: the pixels' camera rays (`Cameras.pixel_rays`). The SDF is sampled at `samples` evenly spaced
-    points of each ray's stretch inside the grid's box [-half_extent, half_extent]^3. At most
-    `max_rays` rays, evenly strided over the carved pixels, keep the cost bounded. Zero (still
-    connected to the SDF) when nothing is carved."""
+    (B, h, w, 3) unit vectors: the pixels' camera rays (`Cameras.pixel_rays`). The SDF is
+    sampled at `samples` evenly spaced points of each ray's stretch inside the grid's box
+    [-half_extent, half_extent]^3. At most `max_rays` rays, evenly strided over the carved
+    pixels, keep the cost bounded. Zero (still connected to the SDF) when nothing is carved."""
     view, row, col = carve.nonzero(as_tuple=True)
     if view.numel() > max_rays:
         keep = torch.linspace(0, view.numel() - 1, max_rays, device=view.device).round().long()

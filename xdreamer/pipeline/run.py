@@ -402,9 +402,10 @@ class Run:
                     folder = self.paths.geometry if stage.name == "geometry" else self.paths.appearance
                     stage.validate(self._image(folder, f"validation_{s.step:05d}.png"))
                 stopping = self.dp.any(stop.received is not None)
-                # In the middle of a streak of skipped steps the state is suspect: the restore
-                # target stays the checkpoint from before it.
-                if s.step % cfg.checkpoint_every == 0 and s.consecutive_skips == 0:
+                # In the middle of a streak of skipped steps, or with a collapsed mesh, the state
+                # is suspect: the restore target stays the checkpoint from before it (a collapsed
+                # one would send every restore straight back into the collapse).
+                if s.step % cfg.checkpoint_every == 0 and s.consecutive_skips == 0 and not stage.collapsed():
                     self.checkpoint("good")
                 elif stopping:
                     self.checkpoint("stop")

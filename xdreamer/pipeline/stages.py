@@ -69,6 +69,10 @@ class _Stage:
     def network(self) -> torch.nn.Module:
         return getattr(self, self.state_key)
 
+    def collapsed(self) -> bool:
+        """Whether the current state is one a restore must not return to."""
+        return False
+
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -118,6 +122,14 @@ class GeometryStage(_Stage):
         initial shape's area (from the config, so a resumed run draws the same line)."""
         return self.cfg.geometry.collapse_fraction * self._initial_shape().area
 
+    def _too_small(self, mesh: Mesh) -> bool:
+        return mesh.faces.shape[0] == 0 or float(mesh.area().detach()) < self.collapse_area
+
+    def collapsed(self) -> bool:
+        """The mesh has no faces or less area than `collapse_area`."""
+        with torch.no_grad():
+            return self._too_small(self._mesh_and_sdf()[0])
+
     def initialize(self) -> list[float]:
         """Fit the SDF to the initial shape (ellipsoid or the user's mesh); the stage optimizer
         starts fresh afterwards. Returns the fit's losses."""
@@ -140,7 +152,7 @@ class GeometryStage(_Stage):
         `collapse_area`)."""
         cfg, g = self.cfg, self.cfg.geometry
         mesh, sdf = self._mesh_and_sdf()
-        if mesh.faces.shape[0] == 0 or float(mesh.area().detach()) < self.collapse_area:
+        if self._too_small(mesh):
             return None
         out = render_geometry(mesh, cameras.to(self.device), g.render_resolution, backend=self.rasterizer)
         normal, mask = out["normal"], out["mask"]

@@ -165,8 +165,9 @@ class GuidanceStep:
         schedule = TimestepSchedule(*t_range)
         t = self.dp.own(schedule.sample(batch * world, self.generator, self.guidance.num_train_timesteps), batch)
         noise = self.dp.own(torch.randn((batch * world, *model_input.shape[1:]), generator=self.generator), batch)
+        t, noise = t.to(self.device), noise.to(self.device)
         sds = score_distillation(
-            self.guidance, model_input, text.cond, text.uncond, t.to(self.device), noise.to(self.device),
+            self.guidance, model_input, text.cond, text.uncond, t, noise,
             guidance_scale=guidance_scale, weighting=weighting, unet_grad=ama_on, before_unet=before_unet,
         )
         losses = {"sds": sds.loss}
@@ -178,8 +179,8 @@ class GuidanceStep:
         losses["total"] = total
         alignment = attention_mask_iou(maps, mask) if diagnose and maps else None
         return GuideOutput(
-            losses, sds.skipped, maps, alignment, model_input.detach().float(), noise.to(self.device).float(),
-            sds.noise_uncond, sds.noise_cond, self.guidance.alphas_cumprod[t.to(self.device)],
+            losses, sds.skipped, maps, alignment, model_input.detach().float(), noise.float(),
+            sds.noise_uncond, sds.noise_cond, self.guidance.alphas_cumprod[t],
         )
 
     def zero_grad(self) -> None:

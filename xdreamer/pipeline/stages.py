@@ -112,7 +112,9 @@ class GeometryStage(_Stage):
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.geometry.parameters()) + self.guide.camera_parameters
 
-    def _initial_shape(self) -> EllipsoidSDF | MeshSDF:
+    @functools.cached_property
+    def initial_shape(self) -> EllipsoidSDF | MeshSDF:
+        """The SDF the geometry starts from (`init.shape`), read once."""
         i = self.cfg.init
         return ellipsoid_sdf(list(i.radii)) if i.shape == "ellipsoid" else MeshSDF(normalize_mesh(load_mesh(i.shape)))
 
@@ -120,7 +122,7 @@ class GeometryStage(_Stage):
     def collapse_area(self) -> float:
         """Below this mesh area the stage has collapsed: `geometry.collapse_fraction` of the
         initial shape's area (from the config, so a resumed run draws the same line)."""
-        return self.cfg.geometry.collapse_fraction * self._initial_shape().area
+        return self.cfg.geometry.collapse_fraction * self.initial_shape.area
 
     def _too_small(self, mesh: Mesh) -> bool:
         return mesh.faces.shape[0] == 0 or float(mesh.area().detach()) < self.collapse_area
@@ -134,7 +136,7 @@ class GeometryStage(_Stage):
         """Fit the SDF to the initial shape (ellipsoid or the user's mesh); the stage optimizer
         starts fresh afterwards. Returns the fit's losses."""
         i = self.cfg.init
-        target = self._initial_shape()
+        target = self.initial_shape
         losses = fit_geometry_to_sdf(
             self.geometry, target, target.sample_surface, generator=self.generator, steps=i.steps, lr=i.lr
         )

@@ -34,10 +34,10 @@ from xdreamer.toy.world import (
     SHAPES,
     ToyWorldError,
     caption,
+    delta_e,
     ground_truth_sdf,
     parse_caption,
     primitive_mesh,
-    srgb_to_lab,
 )
 
 # Held-in prompts cover every shape and colour once; held-out are the six pairs never trained on.
@@ -154,11 +154,6 @@ def normal_tilt(normal: np.ndarray) -> np.ndarray:
     An 8-bit map cannot store an exact 0: the nearest bytes (128, 128, 255) decode to 0.32 deg."""
     unit = normal / np.linalg.norm(normal, axis=-1, keepdims=True).clip(1e-12)
     return np.degrees(np.arccos(unit[:, 2].clip(-1.0, 1.0)))
-
-
-def delta_e(srgb_a, srgb_b) -> float:
-    """CIE76 colour difference: Euclidean distance in CIELAB (OpenCV's conversion, D65) of two sRGB colours."""
-    return float(np.linalg.norm(srgb_to_lab(srgb_a) - srgb_to_lab(srgb_b)))
 
 
 def nearest_colour(srgb: np.ndarray) -> tuple[str, float]:

@@ -121,9 +121,14 @@ def srgb_to_lab(srgb) -> np.ndarray:
     return cv2.cvtColor(srgb.reshape(-1, 1, 3), cv2.COLOR_RGB2Lab).reshape(srgb.shape)
 
 
+def delta_e(srgb_a, srgb_b) -> float:
+    """CIE76 colour difference: Euclidean distance in CIELAB (OpenCV's conversion, D65) of two sRGB colours."""
+    return float(np.linalg.norm(srgb_to_lab(srgb_a) - srgb_to_lab(srgb_b)))
+
+
 def colour_difference(a: str, b: str) -> float:
     """CIELAB ΔE between two named colours."""
-    return float(np.linalg.norm(srgb_to_lab(COLOURS[a]) - srgb_to_lab(COLOURS[b])))
+    return delta_e(COLOURS[a], COLOURS[b])
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,6 @@ def test_denoised_is_the_clean_input_the_noise_prediction_implies():
         torch.testing.assert_close(out.denoised(scale), (noisy - (1 - a).sqrt() * prediction) / a.sqrt())
     exact = GuideOutput({}, False, None, None, x, noise, noise, noise, alphas)  # ε̂ = ε
     torch.testing.assert_close(exact.denoised(7.5), x)
+    # A step run at guidance 1 without keep_uncond has no ε̂_u to extrapolate from.
+    with pytest.raises(ValueError, match="keep_uncond"):
+        GuideOutput({}, False, None, None, x, noise, None, cond, alphas).denoised(4.0)

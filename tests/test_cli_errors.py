@@ -173,6 +173,8 @@ def _snapshot(root: Path) -> dict[str, bytes]:
         (["camera.radius=[0.1,0.1]"], "camera.radius must be more than"),
         (["camera.fov_deg=[0,0]"], "camera.fov_deg must satisfy 1 <= min"),
         (["camera.fov_deg=[1,2,3]"], "camera.fov_deg must be two numbers"),
+        (["appearance.kd_range=[0.5,0.5]"], "appearance.kd_range must satisfy min < max"),
+        (["appearance.kd_range=[-0.1,0.9]"], "appearance.kd_range must satisfy 0 <= min"),
         (["appearance.lr=nan"], "appearance.lr must be a finite number"),
         (["geometry.lr=0"], "geometry.lr must be positive"),
         (["export.texture_size=3"], "export.texture_size must be in [16, 8192]"),

@@ -83,6 +83,40 @@ def test_guidance_scale_one_is_the_conditional_prediction(models):
     torch.testing.assert_close(out.noise_pred_cfg, eps_c, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("unet_grad", [False, True])
+def test_guidance_scale_one_skips_the_unconditional_half(models, unet_grad):
+    """At scale 1 ε̂_cfg = ε̂_c: without keep_uncond one UNet call on the conditional rows only,
+    the same gradient as the full batch (to the kernels' rounding), and no ε̂_u to return."""
+    model = models["sd1"]
+    latents, noise, cond, uncond = _inputs(batch=3, seed=6)
+    t = torch.tensor([100, 400, 800])
+    seen, rows = [], []
+    handle = model.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    try:
+        full = score_distillation(model, latents, cond, uncond, t, noise, 1.0, unet_grad=unet_grad)
+        calls_full = len(seen)
+        seen.clear()
+        skipped = score_distillation(model, latents, cond, uncond, t, noise, 1.0, unet_grad=unet_grad,
+                                     keep_uncond=False, before_unet=rows.append)
+    finally:
+        handle.remove()
+    assert calls_full == (2 if unet_grad else 1)
+    assert len(seen) == 1 and rows == [slice(3, 6)]
+    args, kwargs = seen[0]
+    assert args[0].shape[0] == 3 and torch.equal(kwargs["encoder_hidden_states"], cond)
+    assert full.noise_uncond is not None and skipped.noise_uncond is None
+    torch.testing.assert_close(skipped.noise_cond, full.noise_cond, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(skipped.grad, full.grad, rtol=1e-4, atol=1e-5)
+    # Any other scale still evaluates both halves, keep_uncond or not.
+    seen.clear()
+    handle = model.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].shape[0]), with_kwargs=True)
+    try:
+        other = score_distillation(model, latents, cond, uncond, t, noise, 1.5, keep_uncond=False)
+    finally:
+        handle.remove()
+    assert seen == [6] and other.noise_uncond is not None
+
+
 def test_unet_sees_uncond_then_cond_in_one_call(models):
     model = models["sd1"]
     latents, noise, cond, uncond = _inputs(batch=3, seed=4)

@@ -103,6 +103,8 @@ class AppearanceConfig:
     # The occlusion output darkens shading uniformly, which SDS cannot tell from a darker kd;
     # off by default so the baked albedo stays true (appearance.occlusion=true learns it).
     occlusion: bool = False
+    # Linear base colour bounds (Fantasia3D's and the authors' [0.03, 0.97], i.e. 0.19-0.99 sRGB).
+    kd_range: list[float] = field(default_factory=lambda: [0.03, 0.97])
     # Largest tilt of the learned normal perturbation from the surface normal, degrees
     # (METHOD's xy in [-1, 1], z in [0, 1] allows 90).
     max_normal_tilt_deg: float = 90.0
@@ -434,6 +436,9 @@ def check_config(cfg: DictConfig) -> None:
     for key in _NON_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
+    lo, hi = _range(cfg, "appearance.kd_range", 0.0, 1.0)
+    if not lo < hi:
+        raise ConfigError(f"appearance.kd_range must satisfy min < max, got [{lo:g}, {hi:g}]")
     for key in ["geometry.t_range_early", "geometry.t_range", "appearance.t_range_early", "appearance.t_range"]:
         lo, hi = _range(cfg, key, 0.0, 1.0)
         if not 0.0 < lo <= hi < 1.0:

@@ -82,14 +82,15 @@ def to_unet_dtype(x: torch.Tensor, model: GuidanceModel) -> torch.Tensor:
 class SDSOutput:
     """loss: scalar whose gradient on the input x is grad / B; grad: (B, C, h, w) float32 per-view
     SDS gradient; noise_pred_cfg: (B, C, h, w) float32 guided noise prediction, and
-    noise_uncond / noise_cond the two it extrapolates from (detached); skipped: the gradient was
+    noise_uncond / noise_cond the two it extrapolates from (detached; noise_uncond is None when
+    the step did not evaluate it, see `score_distillation`); skipped: the gradient was
     not finite and was zeroed (the caller counts these steps)."""
 
     loss: torch.Tensor
     grad: torch.Tensor
     noise_pred_cfg: torch.Tensor
     skipped: bool
-    noise_uncond: torch.Tensor
+    noise_uncond: torch.Tensor | None
     noise_cond: torch.Tensor
 
 
@@ -130,6 +131,7 @@ def score_distillation(
     unet_grad: bool = False,
     unet_kwargs: dict | None = None,
     before_unet: Callable[[slice], None] | None = None,
+    keep_uncond: bool = True,
 ) -> SDSOutput:
     """One SDS step on model input `latents` (B, C, h, w) with text conditioning cond / uncond
     (B, L, D), timesteps t (B,) int64 and noise (B, C, h, w).
@@ -143,7 +145,9 @@ def score_distillation(
     render and adapters; the unconditional half never does (see the module docstring).
     `unet_kwargs` go to each UNet call (e.g. cross_attention_kwargs); `before_unet(rows)` is
     called before each UNet call with the rows of the [uncond; cond] batch of 2B that the call
-    evaluates: slice(0, 2B) for one call, or slice(0, B) then slice(B, 2B)."""
+    evaluates: slice(0, 2B) for one call, or slice(0, B) then slice(B, 2B). At guidance scale 1
+    ε̂_cfg is ε̂_c: unless `keep_uncond`, the unconditional half is then not evaluated (only
+    slice(B, 2B) is) and the output's noise_uncond is None."""
     batch = latents.shape[0]
     t = t.to(model.device)
     alpha = model.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -155,15 +159,24 @@ def score_distillation(
             before_unet(rows)
         return predict_noise(model, noisy_rows, t_rows, context, unet_kwargs)
 
+    conditional_only = guidance_scale == 1.0 and not keep_uncond
+    noise_uncond = None
     if unet_grad and torch.is_grad_enabled():
-        with torch.no_grad():
-            noise_uncond = unet(slice(0, batch), noisy.detach(), t, uncond)
+        if not conditional_only:
+            with torch.no_grad():
+                noise_uncond = unet(slice(0, batch), noisy.detach(), t, uncond)
         noise_cond = unet(slice(batch, 2 * batch), noisy, t, cond).detach()
+    elif conditional_only:
+        with torch.no_grad():
+            noise_cond = unet(slice(batch, 2 * batch), noisy, t, cond)
     else:
         with torch.no_grad():
             both = unet(slice(0, 2 * batch), torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([uncond, cond]))
         noise_uncond, noise_cond = both.chunk(2)
-    noise_pred_cfg = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+    if noise_uncond is None:
+        noise_pred_cfg = noise_cond
+    else:
+        noise_pred_cfg = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
     weight = sds_weight(model.alphas_cumprod, t, weighting).view(-1, 1, 1, 1)
     grad = weight * (noise_pred_cfg - noise.float())
     if grad_clip is not None:
@@ -177,13 +190,17 @@ def score_distillation(
     if not torch.isfinite(grad).all():
         # A zero loss that still reaches the latents keeps the caller's backward pass uniform.
         zero = latents.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
-        return SDSOutput(zero, torch.zeros_like(grad), noise_pred_cfg, True, noise_uncond.detach(), noise_cond.detach())
+        return SDSOutput(zero, torch.zeros_like(grad), noise_pred_cfg, True, _detached(noise_uncond), noise_cond.detach())
     grad = grad.to(latents.dtype)
     # A linear surrogate gives exactly grad / B as gradient; its value is replaced by the usual
     # 0.5 ||x - (x - grad)||² / B so the logged loss stays meaningful.
     surrogate = (latents * grad).sum() / batch
     loss = surrogate - surrogate.detach() + 0.5 * grad.float().square().sum() / batch
-    return SDSOutput(loss, grad, noise_pred_cfg, False, noise_uncond.detach(), noise_cond.detach())
+    return SDSOutput(loss, grad, noise_pred_cfg, False, _detached(noise_uncond), noise_cond.detach())
+
+
+def _detached(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach()
 
 
 def normal_mask_latents(normal: torch.Tensor, mask: torch.Tensor, size: int = 64) -> torch.Tensor:

@@ -26,7 +26,8 @@ class GuideOutput:
     skipped: the SDS gradient was not finite and was zeroed; maps: the recorded attention maps,
     each (B, h, w), when recorded; alignment: {map side: IoU} when measured. The rest, detached,
     is what `denoised` needs: the model input x (B, C, h, w), the noise ε added to it, the
-    unconditional and conditional predictions ε̂_u, ε̂_c, and each view's ᾱ_t (B,)."""
+    unconditional and conditional predictions ε̂_u (None when the step skipped it: guidance
+    scale 1 without `keep_uncond`), ε̂_c, and each view's ᾱ_t (B,)."""
 
     losses: dict[str, torch.Tensor]
     skipped: bool
@@ -34,7 +35,7 @@ class GuideOutput:
     alignment: dict[int, float] | None
     model_input: torch.Tensor
     noise: torch.Tensor
-    noise_uncond: torch.Tensor
+    noise_uncond: torch.Tensor | None
     noise_cond: torch.Tensor
     alphas: torch.Tensor
 
@@ -42,6 +43,8 @@ class GuideOutput:
         """(B, C, h, w) the model's prediction of the clean input at `guidance_scale`:
         x + sqrt((1 - ᾱ_t) / ᾱ_t) (ε - ε̂), ε̂ = ε̂_u + s (ε̂_c - ε̂_u) (at the SDS step's own scale,
         what SDS pulls the render toward)."""
+        if self.noise_uncond is None:
+            raise ValueError("denoised needs the unconditional prediction: run the step with keep_uncond=True")
         prediction = self.noise_uncond + guidance_scale * (self.noise_cond - self.noise_uncond)
         alpha = self.alphas.view(-1, 1, 1, 1)
         return self.model_input + ((1.0 - alpha) / alpha).sqrt() * (self.noise - prediction)
@@ -136,10 +139,13 @@ class GuidanceStep:
         guidance_scale: float,
         ama_on: bool,
         diagnose: bool,
+        keep_uncond: bool = False,
     ) -> GuideOutput:
         """SDS (+ AMA) on one batch. model_input: (B, C, h, w) latents or pixels, differentiable;
         cameras: the B views; mask: (B, H, W, 1) coverage; ama_on: add the AMA loss (the UNet then
-        runs under autograd); diagnose: measure the attention-mask alignment."""
+        runs under autograd); diagnose: measure the attention-mask alignment; keep_uncond:
+        evaluate the unconditional prediction even at guidance scale 1 (`GuideOutput.denoised`
+        needs it at any other scale)."""
         cfg = self.cfg
         batch = model_input.shape[0]
         labels = cameras.view_labels(cfg.camera.overhead_elevation) if cfg.direction_prompts else [None] * batch
@@ -169,6 +175,7 @@ class GuidanceStep:
         sds = score_distillation(
             self.guidance, model_input, text.cond, text.uncond, t, noise,
             guidance_scale=guidance_scale, weighting=weighting, unet_grad=ama_on, before_unet=before_unet,
+            keep_uncond=keep_uncond,
         )
         losses = {"sds": sds.loss}
         total = sds.loss

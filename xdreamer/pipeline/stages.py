@@ -166,12 +166,13 @@ class GeometryStage(_Stage):
             model_input = self.guide.guidance.encode_images((normal * 0.5 + 0.5) * mask)
             t_range, weighting = g.t_range, g.weighting
         ama_on = cfg.ama.enabled and step >= cfg.ama.start_geometry
+        carving = g.carve_weight > 0 and not early_latents
         result = self.guide(
             "geometry", model_input, cameras, mask, tuple(t_range), weighting, g.guidance_scale, ama_on,
-            diagnose or attention_png is not None,
+            diagnose or attention_png is not None, keep_uncond=carving,
         )
         losses = result.losses
-        if g.carve_weight > 0 and not early_latents:
+        if carving:
             losses["carve"] = self.carve(result.denoised(g.carve_guidance_scale), mask, cameras)
             losses["total"] = losses["total"] + g.carve_weight * losses["carve"]
         if g.normal_consistency_weight > 0:
@@ -237,7 +238,7 @@ class AppearanceStage(_Stage):
             self.material = MaterialNetwork.for_mesh(
                 mesh, encoding=a.encoding, metallic=a.metallic, log2_table_size=a.hash_log2_table_size,
                 occlusion_range=(0.0, 1.0) if a.occlusion else (0.0, 0.0), max_normal_tilt_deg=a.max_normal_tilt_deg,
-                frequency_count=a.frequency_count,
+                frequency_count=a.frequency_count, kd_range=tuple(a.kd_range),
             )
         self.material = self.material.to(device)
         self.optimizer = _adamw([{"params": list(self.material.parameters())}, {"params": guide.camera_parameters}], a.lr)

@@ -85,7 +85,7 @@ def test_guidance_scale_one_is_the_conditional_prediction(models):
 
 @pytest.mark.parametrize("unet_grad", [False, True])
 def test_guidance_scale_one_skips_the_unconditional_half(models, unet_grad):
-    """At scale 1 ε̂_cfg = ε̂_c: without keep_uncond one UNet call on the conditional rows only,
+    """At scale 1 ε̂_cfg = ε̂_c: unless keep_uncond, one UNet call on the conditional rows only,
     the same gradient as the full batch (to the kernels' rounding), and no ε̂_u to return."""
     model = models["sd1"]
     latents, noise, cond, uncond = _inputs(batch=3, seed=6)
@@ -93,11 +93,11 @@ def test_guidance_scale_one_skips_the_unconditional_half(models, unet_grad):
     seen, rows = [], []
     handle = model.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
     try:
-        full = score_distillation(model, latents, cond, uncond, t, noise, 1.0, unet_grad=unet_grad)
+        full = score_distillation(model, latents, cond, uncond, t, noise, 1.0, unet_grad=unet_grad, keep_uncond=True)
         calls_full = len(seen)
         seen.clear()
         skipped = score_distillation(model, latents, cond, uncond, t, noise, 1.0, unet_grad=unet_grad,
-                                     keep_uncond=False, before_unet=rows.append)
+                                     before_unet=rows.append)
     finally:
         handle.remove()
     assert calls_full == (2 if unet_grad else 1)
@@ -111,7 +111,7 @@ def test_guidance_scale_one_skips_the_unconditional_half(models, unet_grad):
     seen.clear()
     handle = model.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].shape[0]), with_kwargs=True)
     try:
-        other = score_distillation(model, latents, cond, uncond, t, noise, 1.5, keep_uncond=False)
+        other = score_distillation(model, latents, cond, uncond, t, noise, 1.5)
     finally:
         handle.remove()
     assert seen == [6] and other.noise_uncond is not None

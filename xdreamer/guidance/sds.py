@@ -131,7 +131,7 @@ def score_distillation(
     unet_grad: bool = False,
     unet_kwargs: dict | None = None,
     before_unet: Callable[[slice], None] | None = None,
-    keep_uncond: bool = True,
+    keep_uncond: bool = False,
 ) -> SDSOutput:
     """One SDS step on model input `latents` (B, C, h, w) with text conditioning cond / uncond
     (B, L, D), timesteps t (B,) int64 and noise (B, C, h, w).

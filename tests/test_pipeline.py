@@ -455,3 +455,16 @@ def test_a_mesh_that_shrinks_below_the_collapse_fraction_counts_as_collapsed(tmp
     assert report["status"] == "failed"
     assert [r["reason"] for r in report["restored_checkpoints"]] == ["the mesh collapsed"] * 5
     assert [r["lr"] for r in report["restored_checkpoints"]] == [0.001 * 0.5**k for k in range(1, 6)]
+
+
+def test_base_colour_range_reaches_the_baked_texture(tmp_path):
+    """appearance.kd_range bounds the material, so every covered texel of the exported base
+    colour lies in the range (linear [0.25, 0.30] is sRGB [0.537, 0.584]), whatever SDS asks."""
+    from xdreamer.toy.eval import baked_texels
+
+    run = tmp_path / "run"
+    result = generate(run, "appearance.kd_range=[0.25,0.3]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    base = baked_texels(run / "export" / "model.glb")["base_color"]
+    assert base.shape[0] > 1000
+    assert base.min() >= 0.537 - 2 / 255 and base.max() <= 0.584 + 2 / 255

@@ -211,7 +211,8 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        # --standalone: the rendezvous picks a free port (a fixed one fails when it is taken).
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "xdreamer.cli", "generate", "a red cube", "--model", str(model), "--preset", "toy",
          "--out", str(run), *TINY, "--views", "1"],
         capture_output=True, text=True, env=env, timeout=600,

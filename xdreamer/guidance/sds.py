@@ -160,15 +160,15 @@ def score_distillation(
         return predict_noise(model, noisy_rows, t_rows, context, unet_kwargs)
 
     conditional_only = guidance_scale == 1.0 and not keep_uncond
+    track = unet_grad and torch.is_grad_enabled()
+    # Both predictions leave this block without a graph (the SDS target is detached).
     noise_uncond = None
-    if unet_grad and torch.is_grad_enabled():
+    if track or conditional_only:
         if not conditional_only:
             with torch.no_grad():
                 noise_uncond = unet(slice(0, batch), noisy.detach(), t, uncond)
-        noise_cond = unet(slice(batch, 2 * batch), noisy, t, cond).detach()
-    elif conditional_only:
-        with torch.no_grad():
-            noise_cond = unet(slice(batch, 2 * batch), noisy, t, cond)
+        with torch.set_grad_enabled(track):
+            noise_cond = unet(slice(batch, 2 * batch), noisy, t, cond).detach()
     else:
         with torch.no_grad():
             both = unet(slice(0, 2 * batch), torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([uncond, cond]))
@@ -190,17 +190,13 @@ def score_distillation(
     if not torch.isfinite(grad).all():
         # A zero loss that still reaches the latents keeps the caller's backward pass uniform.
         zero = latents.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
-        return SDSOutput(zero, torch.zeros_like(grad), noise_pred_cfg, True, _detached(noise_uncond), noise_cond.detach())
+        return SDSOutput(zero, torch.zeros_like(grad), noise_pred_cfg, True, noise_uncond, noise_cond)
     grad = grad.to(latents.dtype)
     # A linear surrogate gives exactly grad / B as gradient; its value is replaced by the usual
     # 0.5 ||x - (x - grad)||² / B so the logged loss stays meaningful.
     surrogate = (latents * grad).sum() / batch
     loss = surrogate - surrogate.detach() + 0.5 * grad.float().square().sum() / batch
-    return SDSOutput(loss, grad, noise_pred_cfg, False, _detached(noise_uncond), noise_cond.detach())
-
-
-def _detached(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.detach()
+    return SDSOutput(loss, grad, noise_pred_cfg, False, noise_uncond, noise_cond)
 
 
 def normal_mask_latents(normal: torch.Tensor, mask: torch.Tensor, size: int = 64) -> torch.Tensor:

@@ -67,6 +67,14 @@ def test_init_mesh_missing_unreadable_empty(capsys, tmp_path, out):
     assert not out.exists()
 
 
+def test_bound_radius_must_not_cut_an_initial_mesh(capsys, tmp_path, out):
+    tetrahedron = tmp_path / "tet.obj"
+    tetrahedron.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 3 2\nf 1 2 4\nf 1 4 3\nf 2 3 4\n")
+    code, err = run_cli(capsys, "generate", "a cube", "--out", str(out), "--init", str(tetrahedron), "geometry.bound_radius=0.9")
+    assert_user_error(code, err, "geometry.bound_radius must be at least 1 with an initial mesh")
+    assert not out.exists()
+
+
 def test_output_not_writable(capsys, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -175,6 +183,8 @@ def _snapshot(root: Path) -> dict[str, bytes]:
         (["camera.fov_deg=[1,2,3]"], "camera.fov_deg must be two numbers"),
         (["appearance.kd_range=[0.5,0.5]"], "appearance.kd_range must satisfy min < max"),
         (["appearance.kd_range=[-0.1,0.9]"], "appearance.kd_range must satisfy 0 <= min"),
+        (["geometry.bound_radius=1.2"], "geometry.bound_radius must be in (0, 1.05)"),
+        (["geometry.bound_radius=0.7"], "init.radii must be less than geometry.bound_radius (0.7)"),
         (["appearance.lr=nan"], "appearance.lr must be a finite number"),
         (["geometry.lr=0"], "geometry.lr must be positive"),
         (["export.texture_size=3"], "export.texture_size must be in [16, 8192]"),

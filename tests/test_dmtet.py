@@ -80,3 +80,44 @@ def test_the_authors_bound_inverts_fewer_tetrahedra_than_a_full_cell():
         fractions[name] = (volumes <= 0).double().mean().item()
     assert 0.10 < fractions["authors"] < 0.17  # 13.4%, as the class docstring says
     assert fractions["full_cell"] > 0.40  # 45.9%
+
+
+class _SphereField(DMTetGeometry):
+    """A DMTet geometry whose network is the exact SDF of a sphere of `radius` world units (no
+    offsets), to test what the grid makes of a shape larger than the grid."""
+
+    def __init__(self, radius: float, **kwargs):
+        super().__init__(grid_resolution=16, grid_scale=2.1, encoding="frequency", **kwargs)
+        self.radius = radius
+
+    def _network(self, grid_points: torch.Tensor) -> torch.Tensor:
+        sdf = (grid_points * self.grid_scale).norm(dim=-1, keepdim=True) - self.radius
+        return torch.cat([sdf, torch.zeros_like(grid_points)], dim=-1)
+
+
+def test_bound_radius_closes_a_shape_that_outgrows_the_grid():
+    from xdreamer.geometry.cleanup import mesh_pieces
+
+    cell = 2.1 / 16
+    # A sphere of radius 1.3 pokes out of the grid's faces (half-width 1.05) but not its corners
+    # (1.82): the grid cuts it into an open surface.
+    free = mesh_pieces(_SphereField(1.3)())
+    assert len(free) == 1 and not free[0].closed and free[0].genus is None
+    # Bounded at 0.8 it is the intersection with that ball, a sphere of radius 0.8: one closed
+    # piece of genus 0 whose vertices lie on it up to the interpolation along the grid's edges
+    # (|x| is not linear along an edge; at most cell^2 / (2 r) off).
+    bounded = _SphereField(1.3, bound_radius=0.8)
+    mesh = bounded()
+    # Carving and the initial fit read the SDF at any point through sdf_at: bounded the same way.
+    vertices = bounded.grid_vertices * 2.1
+    assert torch.allclose(bounded.sdf_at(vertices), bounded.sdf_and_offset()[0], atol=1e-6)
+    assert torch.allclose(bounded.sdf_and_offset()[0], vertices.norm(dim=-1) - 0.8, atol=1e-6)
+    pieces = mesh_pieces(mesh)
+    assert len(pieces) == 1 and pieces[0].closed and pieces[0].genus == 0
+    radii = mesh.vertices.norm(dim=-1)
+    assert (radii - 0.8).abs().max().item() < cell**2 / (2 * 0.8)
+    # A shape inside the ball is left exactly as it is.
+    inner, inner_bounded = _SphereField(0.6)(), _SphereField(0.6, bound_radius=0.8)()
+    assert torch.equal(inner.vertices, inner_bounded.vertices) and torch.equal(inner.faces, inner_bounded.faces)
+    with pytest.raises(GeometryError, match="bound_radius"):
+        _geometry(bound_radius=-1.0)

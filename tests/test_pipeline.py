@@ -469,3 +469,18 @@ def test_base_colour_range_reaches_the_baked_texture(tmp_path):
     base = baked_texels(run / "export" / "model.glb")["base_color"]
     assert base.shape[0] > 1000
     assert base.min() >= 0.537 - 2 / 255 and base.max() <= 0.584 + 2 / 255
+
+
+def test_bound_radius_confines_the_mesh(tmp_path):
+    """geometry.bound_radius reaches the stage's geometry: a tiny run's rough 20-step fit of a
+    0.3-radius ball overshoots to 0.56 without it; bounded at 0.32 no vertex is farther than the
+    bound plus the largest vertex offset (1 / grid_resolution world units)."""
+    from xdreamer.mesh import load_mesh
+
+    radii = {}
+    for name, extra in [("free", []), ("bounded", ["geometry.bound_radius=0.32"])]:
+        result = generate(tmp_path / name, "init.radii=[0.3,0.3,0.3]", *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        radii[name] = load_mesh(tmp_path / name / "geometry" / "mesh.ply").vertices.norm(dim=-1).max().item()
+    assert radii["free"] > 0.45
+    assert radii["bounded"] <= 0.32 + 1 / 16

@@ -127,12 +127,15 @@ class DMTetGeometry(nn.Module):
         hash_backend: str = "auto",
         frequency_count: int = 6,
         max_offset: float | None = None,
+        bound_radius: float | None = None,
     ) -> None:
         super().__init__()
         if not grid_scale > 0:
             raise GeometryError(f"grid_scale must be positive, got {grid_scale}")
         if max_offset is not None and not max_offset > 0:
             raise GeometryError(f"max_offset must be positive (world units), got {max_offset}")
+        if bound_radius is not None and not bound_radius > 0:
+            raise GeometryError(f"bound_radius must be positive (world units), got {bound_radius}")
         if encoding == "hash":
             self.encoding = HashEncoding(log2_table_size=hash_log2_table_size, backend=hash_backend)
         elif encoding == "frequency":
@@ -152,15 +155,24 @@ class DMTetGeometry(nn.Module):
         # the grid is regenerated from the cache, so it stays out of checkpoints
         self.register_buffer("grid_vertices", grid_vertices, persistent=False)
         self.register_buffer("tets", tets, persistent=False)
+        self.bound_radius = bound_radius
 
     def _network(self, grid_points: torch.Tensor) -> torch.Tensor:
         """grid_points: (M, 3) in grid units [-0.5, 0.5]^3 -> (M, 4) raw outputs."""
         return self.mlp(self.encoding((grid_points + 0.5).clamp(0, 1)))
 
     def sdf_and_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """SDF (N,) at the grid vertices and raw offsets (N, 3) before tanh."""
+        """SDF (N,) at the grid vertices and raw offsets (N, 3) before tanh. With `bound_radius`
+        the SDF is max(network, |x| - bound_radius), the intersection with the ball: where the
+        ball's side is the larger the network gets no gradient."""
         out = self._network(self.grid_vertices)
-        return out[:, 0], out[:, 1:]
+        return self._bounded(out[:, 0], self.grid_vertices * self.grid_scale), out[:, 1:]
+
+    def _bounded(self, sdf: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """sdf (M,) at world points (M, 3), intersected with the `bound_radius` ball if any."""
+        if self.bound_radius is None:
+            return sdf
+        return torch.maximum(sdf, points.norm(dim=-1) - self.bound_radius)
 
     def deformed_vertices(self, offset: torch.Tensor) -> torch.Tensor:
         """offset: (N, 3) raw -> (N, 3) world positions of the grid vertices moved by
@@ -168,8 +180,9 @@ class DMTetGeometry(nn.Module):
         return self.grid_vertices * self.grid_scale + torch.tanh(offset) * self.max_offset
 
     def sdf_at(self, points: torch.Tensor) -> torch.Tensor:
-        """The network's SDF at world points (M, 3) -> (M,); points outside the grid are clamped."""
-        return self._network(points / self.grid_scale)[:, 0]
+        """The SDF at world points (M, 3) -> (M,), bounded as at the grid vertices; points outside
+        the grid are clamped."""
+        return self._bounded(self._network(points / self.grid_scale)[:, 0], points)
 
     def forward(self) -> Mesh:
         """Extract the current surface as a Mesh (world units, outward faces)."""

@@ -100,7 +100,7 @@ class GeometryStage(_Stage):
             self.geometry = DMTetGeometry(
                 grid_resolution=g.grid_resolution, grid_scale=g.grid_scale, encoding=g.encoding,
                 hash_log2_table_size=g.hash_log2_table_size, frequency_count=g.frequency_count,
-                max_offset=g.max_offset,
+                max_offset=g.max_offset, bound_radius=g.bound_radius,
             ).to(device)
         self.optimizer = self.make_optimizer(g.lr)
         self._edges: torch.Tensor | None = None

@@ -22,6 +22,7 @@ from xdreamer.toy.eval import (
     FRONT_PROMPTS,
     baked_texels,
     bootstrap_mean,
+    comparison_table,
     delta_e,
     expected_genus,
     failed_score,
@@ -31,12 +32,14 @@ from xdreamer.toy.eval import (
     paired_comparison,
     parse_prompt,
     read_prompts,
+    read_scores,
     run_benchmark,
     score_run,
     sign_test,
     summarize,
     uv_coverage,
     wilson_interval,
+    write_results,
 )
 from xdreamer.toy.world import COLOURS, Placement, ToyWorldError, primitive_mesh
 
@@ -236,6 +239,51 @@ def test_a_constant_shift_is_measured_exactly():
     assert (row["shape_accuracy_wins"], row["shape_accuracy_ties"], row["shape_accuracy_p"]) == (2, 13, 0.5)
     table = markdown_table(full + worse)
     assert "| neither | all | 15 | +0.100 [+0.100, +0.100] 15/0/0 p=6.1e-05 |" in table
+
+
+def test_two_benchmarks_compare_on_their_shared_runs(tmp_path):
+    """`xdreamer toy compare`: a benchmark whose every IoU is 0.1 higher than the other's, on the
+    (prompt, seed) pairs both have, is measured +0.100 with a point interval and 12 wins; runs
+    only one of them has are left out of every table."""
+    from xdreamer.cli import main
+
+    old = [synthetic(p, "full", seed, iou=0.3 + 0.1 * i) for seed in (0, 1, 2) for i, p in enumerate(PROMPTS[:4])]
+    new = [replace(s, iou=s.iou + 0.1, seconds=50.0) for s in old] + [synthetic("a yellow cone", "full", 0, iou=0.9)]
+    write_results(tmp_path / "old", old + [synthetic(p, "no_ama", 0, iou=0.2) for p in PROMPTS])
+    write_results(tmp_path / "new", new)
+    assert read_scores(tmp_path / "old") == old  # eval.json round trip, one ablation
+    assert read_scores(tmp_path / "old" / "eval.json", "no_ama")[0].iou == 0.2
+    table = comparison_table(read_scores(tmp_path / "new"), old)
+    assert "| old | all | 12 | +0.100 [+0.100, +0.100] 12/0/0 p=0.00049 |" in table
+    assert "| new | held-in | 9 |" in table and "| old | held-out | 3 |" in table  # the cone is not shared
+    assert "yellow cone" not in table
+    # Time: 10 s less per run is a win for new (lower is better).
+    assert "| -10 [-10, -10] 12/0/0 p=0.00049 |" in table
+    assert "| a red cube | held-in | 0,1,2 | 0.300 0.300 0.300 | 0.400 0.400 0.400 | +0.100 |" in table
+    # From the command line: the same table on stdout and in --out.
+    assert main(["toy", "compare", str(tmp_path / "new"), str(tmp_path / "old"), "--out", str(tmp_path / "cmp.md")]) == 0
+    assert (tmp_path / "cmp.md").read_text() == table
+
+
+def test_compare_errors_are_one_line(tmp_path, capsys):
+    from xdreamer.cli import main
+
+    write_results(tmp_path / "a", [synthetic("a red cube", "full", 0, iou=0.5)])
+    write_results(tmp_path / "b", [synthetic("a red cube", "full", 1, iou=0.5)])
+    (tmp_path / "bad.json").write_text("{}")
+    cases = [
+        ([str(tmp_path / "none"), str(tmp_path / "a")], "no benchmark results at"),
+        ([str(tmp_path / "bad.json"), str(tmp_path / "a")], "is not a benchmark's eval.json"),
+        ([str(tmp_path / "a"), str(tmp_path / "a"), "--ablation", "no_ama"], "has no runs of ablation 'no_ama' (it has: full)"),
+        ([str(tmp_path / "a"), str(tmp_path / "b")], "share no (prompt, seed) pair"),
+        ([str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(tmp_path / "missing" / "x.md")], "--out"),
+        ([str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(tmp_path)], "--out"),
+    ]
+    for args, fragment in cases:
+        assert main(["toy", "compare", *args]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "missing").exists()
 
 
 # ----- the benchmark loop ----------------------------------------------------------------------

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: full, no_cg_lora, no_ama, neither, no_direction, no_cg_lora_no_direction")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, each prompt is generated once per seed")
     p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides for every run")
+    p = toy_sub.add_parser("compare", help="compare two benchmarks run by run (e.g. after and before a change)")
+    p.add_argument("new", help="folder (or eval.json) of the benchmark to judge")
+    p.add_argument("old", help="folder (or eval.json) of the benchmark to compare it with")
+    p.add_argument("--ablation", default="full", help="which ablation's runs to compare (default: full)")
+    p.add_argument("--out", default=None, help="also write the tables to this markdown file")
     return parser
 
 
@@ -123,6 +128,19 @@ def _run(args) -> int:
         from xdreamer.toy import train
 
         train.main(out_dir=Path(args.out), steps=args.steps, seed=args.seed)
+        return 0
+    if args.command == "toy" and args.toy_command == "compare":
+        from xdreamer.atomic import write_text
+        from xdreamer.toy import eval as toy_eval
+
+        if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
+            raise toy_eval.ToyWorldError(f"--out {args.out}: give a file in an existing folder")
+        table = toy_eval.comparison_table(
+            toy_eval.read_scores(Path(args.new), args.ablation), toy_eval.read_scores(Path(args.old), args.ablation)
+        )
+        print(table, end="")
+        if args.out:
+            write_text(Path(args.out), table)
         return 0
     if args.command == "toy" and args.toy_command == "eval":
         from xdreamer import pipeline

@@ -3,7 +3,8 @@ prompt's ground truth — the shape (nearest primitive by Chamfer distance), the
 nearest the mean baked albedo in CIELAB) and the volumetric IoU with the prompted primitive — and
 what a user sees in a viewer: connected pieces and genus of the mesh, the CIELAB ΔE of the baked
 albedo from the world's colour, the mean baked metallic (the world has none) and the mean tilt of
-the baked normal map. Per ablation: means with 95 % intervals, and a paired comparison with "full".
+the baked normal map. Per ablation: means with 95 % intervals, and a paired comparison with "full";
+`comparison_table` compares two benchmarks the same way, run by run (`xdreamer toy compare`).
 
 The runs themselves are made by a `generate` callable handed in by the caller (the CLI passes the
 pipeline's), so this module only knows the toy world and how to score a run directory."""
@@ -14,7 +15,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -276,8 +277,8 @@ INTERVALS = (
     f"Means and paired differences: two-stage percentile bootstrap, {RESAMPLES} resamples (seed 0): "
     "prompts with replacement, then seeds within each drawn prompt, since the runs of one prompt "
     "are not independent. Paired "
-    "comparison: difference = full - ablation on the same prompt and seed; wins/losses by which is "
-    "better (higher accuracy and IoU, lower ΔE, metallic and tilt); p: two-sided sign test over the "
+    "comparison: the difference on the same prompt and seed (full - ablation, or new - old); wins/losses "
+    "by which is better (higher accuracy and IoU, lower ΔE, metallic, tilt and time); p: two-sided sign test over the "
     "pairs that differ (for accuracies this is the exact McNemar test)."
 )
 FLAT_SHAPES = ("cube", "pyramid")
@@ -445,10 +446,10 @@ def _difference(row: dict, name: str, fmt: str, percent: bool = False) -> str:
     )
 
 
-def markdown_table(scores: list[Score]) -> str:
-    """The summary per ablation and split, the paired comparison with "full" and every run."""
+def _summary_lines(scores: list[Score], label: str = "ablation") -> list[str]:
+    """The summary per ablation (or benchmark: `label`) and split: a markdown table."""
     lines = [
-        "| ablation | split | runs | shape acc. % | colour acc. % | one piece, right genus % | IoU | ΔE | metallic | "
+        f"| {label} | split | runs | shape acc. % | colour acc. % | one piece, right genus % | IoU | ΔE | metallic | "
         "normal tilt ° | tilt on cube/pyramid ° | pieces | one front, at the front % | multi-face % | s / run |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -461,6 +462,30 @@ def markdown_table(scores: list[Score]) -> str:
             f"{_cell(row, 'pieces', '.1f')} | {_cell(row, 'front_accuracy', '.0f', True)} | "
             f"{_cell(row, 'multi_face_rate', '.0f', True)} | {row['seconds']:.0f} |"
         )
+    return lines
+
+
+def _paired_lines(paired: list[dict], label: str = "ablation") -> list[str]:
+    """Paired comparison rows (`paired_comparison`): a markdown table; `label` heads the column
+    of what the baseline is compared with."""
+    lines = [
+        f"| {label} | split | pairs | IoU | shape acc. (points) | colour acc. (points) | "
+        "one piece, right genus (points) | ΔE | multi-face (points) | s / run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in paired:
+        lines.append(
+            f"| {row['ablation']} | {row['split']} | {row['pairs']} | {_difference(row, 'iou', '.3f')} | "
+            f"{_difference(row, 'shape_accuracy', '.0f', True)} | {_difference(row, 'colour_accuracy', '.0f', True)} | "
+            f"{_difference(row, 'topology_accuracy', '.0f', True)} | {_difference(row, 'delta_e', '.1f')} | "
+            f"{_difference(row, 'multi_face_rate', '.0f', True)} | {_difference(row, 'seconds', '.0f')} |"
+        )
+    return lines
+
+
+def markdown_table(scores: list[Score]) -> str:
+    """The summary per ablation and split, the paired comparison with "full" and every run."""
+    lines = _summary_lines(scores)
     paired = paired_comparison(scores)
     if paired:
         lines += [
@@ -468,17 +493,8 @@ def markdown_table(scores: list[Score]) -> str:
             "Paired with full (same prompt and seed): difference full - ablation [95 % interval], "
             "wins/losses/ties of full, sign-test p.",
             "",
-            "| ablation | split | pairs | IoU | shape acc. (points) | colour acc. (points) | "
-            "one piece, right genus (points) | ΔE | multi-face (points) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            *_paired_lines(paired),
         ]
-        for row in paired:
-            lines.append(
-                f"| {row['ablation']} | {row['split']} | {row['pairs']} | {_difference(row, 'iou', '.3f')} | "
-                f"{_difference(row, 'shape_accuracy', '.0f', True)} | {_difference(row, 'colour_accuracy', '.0f', True)} | "
-                f"{_difference(row, 'topology_accuracy', '.0f', True)} | {_difference(row, 'delta_e', '.1f')} | "
-                f"{_difference(row, 'multi_face_rate', '.0f', True)} |"
-            )
     lines += [
         "",
         INTERVALS,
@@ -497,6 +513,65 @@ def markdown_table(scores: list[Score]) -> str:
             f"| {s.ablation} | {s.prompt} | {s.seed} | {s.split} | {shape} | {colour} | {s.iou:.3f} | "
             f"{number(s.chamfer, '.3f')} | {number(s.pieces, 'd')}{removed} | {genus} | {number(s.delta_e, '.1f')} | "
             f"{number(s.metallic, '.2f')} | {number(s.normal_tilt, '.1f')} | {_fronts(s.front)} | {s.seconds:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def read_scores(source: Path, ablation: str = "full") -> list[Score]:
+    """The scored runs of one ablation from a benchmark: its folder (`xdreamer toy eval --out`) or
+    its eval.json. Keys an older eval.json lacks read as None."""
+    path = source / "eval.json" if source.is_dir() else source
+    if not path.is_file():
+        raise ToyWorldError(f"no benchmark results at {path} (give the folder of `xdreamer toy eval --out`)")
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except (ValueError, KeyError, TypeError):
+        raise ToyWorldError(f"{path} is not a benchmark's eval.json") from None
+    names = [f.name for f in fields(Score)]
+    scores = [Score(**{name: run.get(name) for name in names}) for run in runs if run.get("ablation") == ablation]
+    if not scores:
+        found = ", ".join(dict.fromkeys(str(run.get("ablation")) for run in runs)) or "none"
+        raise ToyWorldError(f"{path} has no runs of ablation {ablation!r} (it has: {found})")
+    return scores
+
+
+def comparison_table(new: list[Score], old: list[Score]) -> str:
+    """Two benchmarks of one ablation compared on the (prompt, seed) pairs they share, e.g. after
+    and before a code change: each one's summary over those pairs, the paired differences new - old
+    with intervals and sign tests, and the IoU per prompt and seed. A single-seed comparison moves
+    by about +-0.05 IoU per run whatever changed (docs/benchmarks.md), so read the intervals."""
+    shared = {(s.prompt, s.seed) for s in new} & {(s.prompt, s.seed) for s in old}
+    if not shared:
+        raise ToyWorldError("the two benchmarks share no (prompt, seed) pair to compare")
+    new = [replace(s, ablation="new") for s in new if (s.prompt, s.seed) in shared]
+    old = [replace(s, ablation="old") for s in old if (s.prompt, s.seed) in shared]
+    lines = [
+        *_summary_lines(new + old, label="benchmark"),
+        "",
+        "Paired (same prompt and seed): difference new - old [95 % interval], wins/losses/ties of new, "
+        "sign-test p.",
+        "",
+        *_paired_lines(paired_comparison(new + old, baseline="new"), label="new against"),
+        "",
+        INTERVALS,
+        "",
+        "IoU per prompt, old → new, one value per seed (✗s: shape read wrong, ✗t: not one piece with the right genus).",
+        "",
+        "| prompt | split | seeds | old | new | mean difference |",
+        "|---|---|---|---|---|---:|",
+    ]
+    before = {(s.prompt, s.seed): s for s in old}
+
+    def cell(s: Score) -> str:
+        return f"{s.iou:.3f}" + ("" if s.shape_correct else "✗s") + ("" if s.topology_correct else "✗t")
+
+    for prompt in dict.fromkeys(s.prompt for s in new):
+        runs = sorted((s for s in new if s.prompt == prompt), key=lambda s: s.seed)
+        olds = [before[(s.prompt, s.seed)] for s in runs]
+        difference = float(np.mean([a.iou - b.iou for a, b in zip(runs, olds)]))
+        lines.append(
+            f"| {prompt} | {runs[0].split} | {','.join(str(s.seed) for s in runs)} | "
+            f"{' '.join(cell(s) for s in olds)} | {' '.join(cell(s) for s in runs)} | {difference:+.3f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -271,7 +271,13 @@ def test_compare_errors_are_one_line(tmp_path, capsys):
     write_results(tmp_path / "a", [synthetic("a red cube", "full", 0, iou=0.5)])
     write_results(tmp_path / "b", [synthetic("a red cube", "full", 1, iou=0.5)])
     (tmp_path / "bad.json").write_text("{}")
+    (tmp_path / "numbers.json").write_text('{"runs": [1, 2]}')
+    old = json.loads((tmp_path / "a" / "eval.json").read_text())
+    del old["runs"][0]["iou"]
+    write_json(tmp_path / "old.json", old)
     cases = [
+        ([str(tmp_path / "numbers.json"), str(tmp_path / "a")], "is not a benchmark's eval.json"),
+        ([str(tmp_path / "old.json"), str(tmp_path / "a")], "lacks iou in its runs"),
         ([str(tmp_path / "none"), str(tmp_path / "a")], "no benchmark results at"),
         ([str(tmp_path / "bad.json"), str(tmp_path / "a")], "is not a benchmark's eval.json"),
         ([str(tmp_path / "a"), str(tmp_path / "a"), "--ablation", "no_ama"], "has no runs of ablation 'no_ama' (it has: full)"),

@@ -517,20 +517,34 @@ def markdown_table(scores: list[Score]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What every run of a compared benchmark must have (the rest reads as None when missing).
+_COMPARED = ("prompt", "seed", "split", "shape", "colour", "iou", "seconds", "shape_correct", "colour_correct",
+             "topology_correct")
+
+
 def read_scores(source: Path, ablation: str = "full") -> list[Score]:
     """The scored runs of one ablation from a benchmark: its folder (`xdreamer toy eval --out`) or
-    its eval.json. Keys an older eval.json lacks read as None."""
+    its eval.json. Measures an older eval.json lacks read as None; those every table needs
+    (`_COMPARED`) must be there."""
     path = source / "eval.json" if source.is_dir() else source
     if not path.is_file():
         raise ToyWorldError(f"no benchmark results at {path} (give the folder of `xdreamer toy eval --out`)")
     try:
-        runs = json.loads(path.read_text())["runs"]
+        every = json.loads(path.read_text())["runs"]
+        ablations = [run["ablation"] for run in every] if all(isinstance(run, dict) for run in every) else None
     except (ValueError, KeyError, TypeError):
-        raise ToyWorldError(f"{path} is not a benchmark's eval.json") from None
+        ablations = None
+    if ablations is None:
+        raise ToyWorldError(f"{path} is not a benchmark's eval.json")
+    runs = [run for run in every if run["ablation"] == ablation]
+    for run in runs:
+        missing = [name for name in _COMPARED if name not in run]
+        if missing:
+            raise ToyWorldError(f"{path} lacks {', '.join(missing)} in its runs (written by an older xdreamer?)")
     names = [f.name for f in fields(Score)]
-    scores = [Score(**{name: run.get(name) for name in names}) for run in runs if run.get("ablation") == ablation]
+    scores = [Score(**{name: run.get(name) for name in names}) for run in runs]
     if not scores:
-        found = ", ".join(dict.fromkeys(str(run.get("ablation")) for run in runs)) or "none"
+        found = ", ".join(dict.fromkeys(str(name) for name in ablations)) or "none"
         raise ToyWorldError(f"{path} has no runs of ablation {ablation!r} (it has: {found})")
     return scores
 

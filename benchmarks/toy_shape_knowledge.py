@@ -29,11 +29,13 @@ from omegaconf import OmegaConf
 
 from xdreamer.geometry.init import normalize_mesh
 from xdreamer.guidance.loader import load_guidance_model
+from xdreamer.guidance.sds import predict_noise
 from xdreamer.mesh import Mesh, load_mesh
 from xdreamer.render.camera import orbit_cameras
 from xdreamer.render.light import default_environment
 from xdreamer.render.passes import render_geometry
 from xdreamer.toy.dataset import render_placed
+from xdreamer.toy.train import encode_text
 from xdreamer.toy.world import SHAPES, Placement, ToyObject, caption, parse_caption
 
 RADIUS = 0.75  # bounding radius of the rendered object, the middle of the world's placements
@@ -44,18 +46,14 @@ NOISE_DRAWS = 4
 
 def denoising_error(toy, x0: torch.Tensor, t: int, text: str) -> float:
     """Mean epsilon-prediction error on x0 (B, 3, 32, 32) noised at t, over NOISE_DRAWS draws."""
-    ids = toy.tokenizer(
-        [text] * x0.shape[0], padding="max_length", max_length=toy.tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids
     steps = torch.full((x0.shape[0],), t)
     a = toy.alphas_cumprod[steps].view(-1, 1, 1, 1)
     errors = []
     with torch.no_grad():
-        context = toy.text_encoder(ids).last_hidden_state
+        context = encode_text(toy.text_encoder, toy.tokenizer, [text] * x0.shape[0])
         for draw in range(NOISE_DRAWS):
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(draw))
-            eps = toy.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, steps, encoder_hidden_states=context).sample
+            eps = predict_noise(toy, a.sqrt() * x0 + (1 - a).sqrt() * noise, steps, context)
             errors.append((eps - noise).pow(2).mean().item())
     return sum(errors) / len(errors)
 

@@ -481,14 +481,15 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.ama.token not in ("eot", "eot_pair") and not str(cfg.ama.token).isdigit():
         raise ConfigError(f"ama.token must be eot, eot_pair or a token index, got {cfg.ama.token!r}")
     bound = cfg.geometry.bound_radius
-    if bound is not None and not 0 < bound < cfg.geometry.grid_scale / 2:
-        raise ConfigError(
-            f"geometry.bound_radius must be in (0, {cfg.geometry.grid_scale / 2:g}) (inside the grid), or empty, got {bound}"
-        )
-    if bound is not None and cfg.init.shape == "ellipsoid" and max(cfg.init.radii) >= bound:
-        raise ConfigError(f"init.radii must be less than geometry.bound_radius ({bound:g}), got {list(cfg.init.radii)}")
-    if bound is not None and cfg.init.shape != "ellipsoid" and bound < 1.0:
-        raise ConfigError(f"geometry.bound_radius must be at least 1 with an initial mesh (it is scaled to radius 1), got {bound:g}")
+    if bound is not None:
+        if not 0 < bound < cfg.geometry.grid_scale / 2:
+            raise ConfigError(
+                f"geometry.bound_radius must be in (0, {cfg.geometry.grid_scale / 2:g}) (inside the grid), or empty, got {bound}"
+            )
+        if cfg.init.shape == "ellipsoid" and max(cfg.init.radii) >= bound:
+            raise ConfigError(f"init.radii must be less than geometry.bound_radius ({bound:g}), got {list(cfg.init.radii)}")
+        if cfg.init.shape != "ellipsoid" and bound < 1.0:
+            raise ConfigError(f"geometry.bound_radius must be at least 1 with an initial mesh (it is scaled to radius 1), got {bound:g}")
     if cfg.geometry.max_offset is not None and not cfg.geometry.max_offset > 0:
         raise ConfigError(f"geometry.max_offset must be positive (or empty for the authors' bound), got {cfg.geometry.max_offset}")
     if not 0.0 <= cfg.geometry.collapse_fraction < 1.0:

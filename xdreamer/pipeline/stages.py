@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from xdreamer.appearance.material import MaterialNetwork
 from xdreamer.atomic import atomic_path
-from xdreamer.geometry.carving import background_pixels, carve_loss
+from xdreamer.geometry.carving import CarvedRays, background_pixels, carved_rays, ray_carve_loss
 from xdreamer.geometry.cleanup import remove_loose_pieces, topology_report
 from xdreamer.geometry.dmtet import DMTetGeometry, marching_tetrahedra
 from xdreamer.geometry.init import EllipsoidSDF, MeshSDF, ellipsoid_sdf, fit_geometry_to_sdf, normalize_mesh
@@ -104,6 +104,17 @@ class GeometryStage(_Stage):
             ).to(device)
         self.optimizer = self.make_optimizer(g.lr)
         self._edges: torch.Tensor | None = None
+        self.carved = CarvedRays(g.carve_memory, device)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "geometry_carved_rays": self.carved.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "geometry_carved_rays" in state:  # checkpoints from before the carving memory have none
+            self.carved.load_state_dict(state["geometry_carved_rays"])
+        else:
+            self.carved = CarvedRays(self.carved.memory, self.device)
 
     def make_optimizer(self, lr: float) -> torch.optim.AdamW:
         return _adamw([{"params": list(self.geometry.parameters())}, {"params": self.guide.camera_parameters}], lr)
@@ -173,7 +184,7 @@ class GeometryStage(_Stage):
         )
         losses = result.losses
         if carving:
-            losses["carve"] = self.carve(result.denoised(g.carve_guidance_scale), mask, cameras)
+            losses["carve"] = self.carve(step, result.denoised(g.carve_guidance_scale), mask, cameras)
             losses["total"] = losses["total"] + g.carve_weight * losses["carve"]
         if g.normal_consistency_weight > 0:
             losses["normal_consistency"] = normal_consistency(mesh)
@@ -190,9 +201,10 @@ class GeometryStage(_Stage):
             save_attention_visualization(attention_png, (normal * 0.5 + 0.5) * mask, mask, result.maps)
         return result
 
-    def carve(self, denoised: torch.Tensor, mask: torch.Tensor, cameras: Cameras) -> torch.Tensor:
-        """The silhouette-carving loss (geometry/carving.py) of one step: denoised (B, C, h, w) the
-        guidance's prediction of the clean normal maps, mask (B, H, W, 1) the render's coverage."""
+    def carve(self, step: int, denoised: torch.Tensor, mask: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+        """The silhouette-carving loss (geometry/carving.py) of `step`: denoised (B, C, h, w) the
+        guidance's prediction of the clean normal maps, mask (B, H, W, 1) the render's coverage.
+        Carves along the rays found now and in the last `geometry.carve_memory` - 1 steps."""
         images = self.guide.guidance.decode_images(denoised)  # (B, S, S, 3)
         # Holes are judged at most at 64^2 (the toy model sees 32^2; SD's 512^2 decode is resized),
         # so "3x3 pixels" means the same share of the view for every model.
@@ -203,7 +215,8 @@ class GeometryStage(_Stage):
 
         carve = background_pixels(resized(images), resized(mask.detach()), self.cfg.geometry.carve_threshold)
         origins, directions = cameras.to(self.device).pixel_rays(size)
-        return carve_loss(self.geometry.sdf_at, origins, directions, carve, self.geometry.grid_scale / 2)
+        remembered = self.carved.add(step, *carved_rays(origins, directions, carve))
+        return ray_carve_loss(self.geometry.sdf_at, *remembered, self.geometry.grid_scale / 2)
 
     def validate(self, path: Path) -> None:
         with torch.no_grad():

@@ -16,12 +16,14 @@ the model's preference for the prompted shape got on what score distillation mad
 Each error is averaged over 4 noise draws (fixed seeds). Takes about a minute on one CPU thread,
 and 10 s more per run folder.
 
-Run: HF_HUB_OFFLINE=1 python benchmarks/toy_shape_knowledge.py [RUN_DIR ...]
+Run: HF_HUB_OFFLINE=1 python benchmarks/toy_shape_knowledge.py [--model DIR] [RUN_DIR ...]
+(--model: another exported toy model, e.g. a `xdreamer toy train` output's model/; default the
+shipped one.)
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -70,8 +72,8 @@ def preference_cells(toy, x0: torch.Tensor, shape: str, colour: str) -> list[str
     return cells
 
 
-def main(run_dirs: list[Path]) -> None:
-    toy = load_guidance_model("toy", "cpu")
+def main(run_dirs: list[Path], model: str = "toy") -> None:
+    toy = load_guidance_model(model, "cpu")
     cameras = orbit_cameras(8, elevation=20.0, start_azimuth=10.0)
     print("| normal maps of | " + " | ".join(f"t = {t}" for t in TIMESTEPS) + " |")
     print("|---|" + "---:|" * len(TIMESTEPS))
@@ -93,4 +95,8 @@ def main(run_dirs: list[Path]) -> None:
 
 
 if __name__ == "__main__":
-    main([Path(arg) for arg in sys.argv[1:]])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="toy", help="an exported toy model folder (default: the shipped one)")
+    parser.add_argument("runs", nargs="*", type=Path, help="run folders of `xdreamer generate` on toy prompts")
+    args = parser.parse_args()
+    main(args.runs, args.model)

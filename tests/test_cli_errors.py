@@ -297,3 +297,12 @@ def test_resume_after_editing_a_structural_key(capsys, tmp_path):
     config.write_text(config.read_text().replace("encoding: frequency", "encoding: hash", 1))
     code, err = run_cli(capsys, "resume", str(run))
     assert_user_error(code, err, "changed geometry.encoding ('frequency' -> 'hash')")
+
+
+def test_toy_train_from_a_missing_model(capsys, tmp_path):
+    code, err = run_cli(capsys, "toy", "train", "--out", str(tmp_path / "toy"), "--init", str(tmp_path / "nope"))
+    assert_user_error(code, err, "--init")
+    assert not (tmp_path / "toy").exists()
+    code, err = run_cli(capsys, "toy", "train", "--out", str(tmp_path / "toy"), "--sampling", "balanced")
+    assert_user_error(code, err, "--sampling balanced: use one of uniform, shapes")
+    assert not (tmp_path / "toy").exists()

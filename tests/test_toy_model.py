@@ -13,11 +13,14 @@ from xdreamer.toy.train import (
     export_model,
     make_scheduler,
     make_text_encoder,
+    load_exported_weights,
     make_unet,
     model_size_bytes,
     random_captions,
+    sampling_weights,
+    train_toy_model,
 )
-from xdreamer.toy.world import Placement, ToyObject
+from xdreamer.toy.world import Placement, ToyObject, ToyWorldError
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +190,70 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert _lr_factor(100, config) == pytest.approx(1.0)
     assert _lr_factor(550, config) == pytest.approx(0.55)
     assert _lr_factor(1000, config) == pytest.approx(0.1)
+
+
+def _world_shaped_dataset(normal_map_every: int = 2) -> ToyDataset:
+    """Labels (no pixels) in the proportions of the training set: per 72 objects, 7 of each of the
+    6 primitives (shape indices 0-5, cube = 1), 7 mugs (6) and 23 cubes with a front."""
+    shapes = [s for s in range(6) for _ in range(7)] + [6] * 7 + [1] * 23
+    fronts = [-1] * 49 + [0] * 23
+    n = len(shapes) * normal_map_every
+    return ToyDataset(
+        images=torch.zeros(n, 1, 1, 3, dtype=torch.uint8),
+        shape=torch.tensor(shapes).repeat_interleave(normal_map_every),
+        colour=torch.zeros(n, dtype=torch.long),
+        front=torch.tensor(fronts).repeat_interleave(normal_map_every),
+        view=torch.zeros(n, dtype=torch.long),
+        normal_map=torch.arange(n) % normal_map_every == 1,
+    )
+
+
+def test_shape_sampling_gives_every_shape_an_equal_share_of_each_mode():
+    dataset = _world_shaped_dataset()
+    assert sampling_weights(dataset, "uniform") is None
+    weights = sampling_weights(dataset, "shapes")
+    assert float(weights.sum()) == pytest.approx(1.0)
+    normal, front = dataset.normal_map, dataset.front >= 0
+    cube, pyramid = dataset.shape == 1, dataset.shape == 5
+    # Uniform draws: 30 of 72 normal maps are cubes, 7 pyramids.
+    assert float((normal & cube).sum()) / float(normal.sum()) == pytest.approx(30 / 72)
+    # Normal maps: half the draws, 7 shapes alike (a cube with a front is a cube there).
+    for shape in range(7):
+        assert float(weights[normal & (dataset.shape == shape)].sum()) == pytest.approx(1 / 14)
+    # Shaded renders: the other half, 8 kinds alike (cubes with a front are a kind of their own).
+    assert float(weights[~normal & cube & front].sum()) == pytest.approx(1 / 16)
+    assert float(weights[~normal & cube & ~front].sum()) == pytest.approx(1 / 16)
+    assert float(weights[~normal & pyramid].sum()) == pytest.approx(1 / 16)
+    with pytest.raises(ToyWorldError, match="unknown sampling 'balanced'"):
+        sampling_weights(dataset, "balanced")
+
+
+def test_init_loads_an_exported_model_and_refuses_another_architecture(tmp_path):
+    from xdreamer.guidance.tokenizer import build_clip_tokenizer
+    from xdreamer.toy.world import caption_words
+
+    tokenizer = build_clip_tokenizer(tmp_path / "tok", caption_words())
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
+        torch.manual_seed(0)
+        fresh_unet, fresh_text_encoder = make_unet(), make_text_encoder(tokenizer)
+    export_model(tmp_path / "model", unet, text_encoder, tmp_path / "tok", make_scheduler())
+    differing = [k for k, v in unet.state_dict().items() if not torch.equal(v, fresh_unet.state_dict()[k])]
+    assert len(differing) > 50
+    load_exported_weights(tmp_path / "model", fresh_unet, fresh_text_encoder)
+    for module, fresh in ((unet, fresh_unet), (text_encoder, fresh_text_encoder)):
+        assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in module.state_dict().items())
+    with pytest.raises(ToyWorldError, match="not this configuration's architecture"):
+        load_exported_weights(tmp_path / "model", make_unet((16, 32, 32)), fresh_text_encoder)
+    with pytest.raises(ToyWorldError, match="not an exported toy model"):
+        load_exported_weights(tmp_path / "tok", fresh_unet, fresh_text_encoder)
+    # Bad settings stop the command before it writes anything.
+    for config, message in (
+        (ToyTrainingConfig(init=str(tmp_path / "missing")), "no such folder"),
+        (ToyTrainingConfig(sampling="balanced"), "--sampling balanced"),
+        (ToyTrainingConfig(lr=0.0), "--lr 0.0"),
+    ):
+        with pytest.raises(ToyWorldError, match=message):
+            train_toy_model(tmp_path / "out", config, progress=False)
+        assert not (tmp_path / "out").exists()

@@ -65,10 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_arguments(sub.add_parser("batch", help="generate a file of prompts as Ray tasks (resumable)"))
     toy = sub.add_parser("toy", help="the embedded toy world: train its model, run its benchmark")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True, parser_class=_Parser)
-    p = toy_sub.add_parser("train", help="train the toy diffusion model from scratch")
+    p = toy_sub.add_parser("train", help="train the toy diffusion model (from scratch, or on from --init)")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    p.add_argument("--sampling", default=None, help="uniform (default) | shapes: every shape an equal share of each mode")
+    p.add_argument("--init", default=None, help="an exported toy model folder to start from")
     p = toy_sub.add_parser("eval", help="generate each prompt and score it against ground truth")
     p.add_argument("--prompts", default=None, help="default | front | a text file, one prompt per line")
     p.add_argument("--out", required=True)
@@ -127,7 +130,7 @@ def _run(args) -> int:
     if args.command == "toy" and args.toy_command == "train":
         from xdreamer.toy import train
 
-        train.main(out_dir=Path(args.out), steps=args.steps, seed=args.seed)
+        train.main(Path(args.out), steps=args.steps, seed=args.seed, lr=args.lr, sampling=args.sampling, init=args.init)
         return 0
     if args.command == "toy" and args.toy_command == "compare":
         from xdreamer.atomic import write_text

@@ -61,6 +61,35 @@ class ToyTrainingConfig:
     min_snr_gamma: float = 5.0
     checkpoint_every: int = 100
     channels: tuple[int, int, int] = (32, 64, 64)  # the UNet's block widths
+    # How batches are drawn: "uniform" over the images, or "shapes" (`sampling_weights`).
+    sampling: str = "uniform"
+    # An exported model (`export_model`'s folder) to start from instead of random weights.
+    init: str | None = None
+
+
+SAMPLINGS = ("uniform", "shapes")
+
+
+def sampling_weights(dataset: ToyDataset, sampling: str) -> torch.Tensor | None:
+    """Per-image probabilities (N,) of being drawn into a batch, or None for uniform draws.
+
+    "shapes": every kind of thing an image shows gets the same share of each mode. The dataset
+    cycles through the training objects, and 30 of its 72 are cubes (7 plain, 23 with a front),
+    so under uniform draws 42 % of the normal maps are cubes and 10 % pyramids. A normal map
+    does not show colour, so a cube with a front is a cube there: normal maps are balanced over
+    the 7 shapes (mug included). Shaded renders show the front, so the cubes with a front are a
+    kind of their own there: shaded renders are balanced over 8 kinds."""
+    if sampling == "uniform":
+        return None
+    if sampling != "shapes":
+        raise ToyWorldError(f"unknown sampling {sampling!r}: use one of {', '.join(SAMPLINGS)}")
+    mode = dataset.normal_map.long()
+    kind = (dataset.shape * 2 + ((dataset.front >= 0) & ~dataset.normal_map).long()) * 2 + mode
+    counts = torch.bincount(kind)
+    kinds_per_mode = torch.stack([(counts[m::2] > 0).sum() for m in (0, 1)])  # (2,): shaded, normal
+    # Each mode half of the draws, shared equally by its kinds, an image 1 / (its kind's count).
+    weights = 1.0 / (counts[kind].double() * kinds_per_mode[mode])
+    return weights / weights.sum()
 
 
 def make_scheduler():
@@ -299,6 +328,23 @@ def save_samples(out_dir: Path, unet, text_encoder, tokenizer, scheduler, seed: 
         save_sample_grid(out_dir / name, images, rows, len(captions) // rows, held_out)
 
 
+def load_exported_weights(model_dir: Path, unet, text_encoder) -> None:
+    """Load an exported toy model's UNet and text encoder weights (safetensors) into `unet` and
+    `text_encoder`, which must have its architecture."""
+    from safetensors.torch import load_file
+
+    files = {"unet": model_dir / "unet" / "diffusion_pytorch_model.safetensors",
+             "text_encoder": model_dir / "text_encoder" / "model.safetensors"}
+    for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+        if not files[name].is_file():
+            raise ToyWorldError(f"--init {model_dir}: not an exported toy model (no {files[name].relative_to(model_dir)})")
+        state = load_file(files[name])
+        own = module.state_dict()
+        if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
+            raise ToyWorldError(f"--init {model_dir}: its {name} is not this configuration's architecture")
+        module.load_state_dict(state)
+
+
 def _load_or_build_dataset(work: Path, config: ToyTrainingConfig, progress: bool) -> ToyDataset:
     path = work / f"dataset_v{DATASET_VERSION}_{config.dataset_size}_{RESOLUTION}_seed{config.seed}.pt"
     if path.is_file():
@@ -331,6 +377,12 @@ def train_toy_model(
     config = ToyTrainingConfig() if config is None else config
     if config.steps < 1 or config.batch_size < 1 or config.dataset_size < 1:
         raise ToyWorldError("steps, batch_size and dataset_size must be positive")
+    if not config.lr > 0:
+        raise ToyWorldError(f"--lr {config.lr}: must be positive")
+    if config.sampling not in SAMPLINGS:
+        raise ToyWorldError(f"--sampling {config.sampling}: use one of {', '.join(SAMPLINGS)}")
+    if config.init is not None and not Path(config.init).is_dir():
+        raise ToyWorldError(f"--init {config.init}: no such folder")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     steps, batch_size, seed = config.steps, config.batch_size, config.seed
@@ -346,6 +398,9 @@ def train_toy_model(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         unet, text_encoder = make_unet(config.channels).to(device), make_text_encoder(tokenizer).to(device)
+    if config.init is not None:
+        load_exported_weights(Path(config.init), unet, text_encoder)
+    weights = sampling_weights(dataset, config.sampling)
     modules = {"unet": unet, "text_encoder": text_encoder}
     parameters = [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.01)
@@ -379,7 +434,10 @@ def train_toy_model(
     began = time.time()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="training toy model", disable=not progress)
     for step in bar:
-        index = torch.randint(len(dataset), (batch_size,), generator=generator)
+        if weights is None:
+            index = torch.randint(len(dataset), (batch_size,), generator=generator)
+        else:
+            index = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
         x0 = (dataset.images[index].permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(device)
         captions = random_captions(dataset, index, generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
@@ -424,8 +482,8 @@ def model_size_bytes(model_dir: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
 
 
-def main(out_dir: str | Path, steps: int | None = None, seed: int | None = None) -> Path:
-    """`xdreamer toy train`: train with the shipped model's settings unless told otherwise."""
-    config = ToyTrainingConfig()
-    config = replace(config, steps=config.steps if steps is None else steps, seed=config.seed if seed is None else seed)
+def main(out_dir: str | Path, **settings) -> Path:
+    """`xdreamer toy train`: train with the shipped model's settings except those given
+    (`ToyTrainingConfig` fields; None keeps the default)."""
+    config = replace(ToyTrainingConfig(), **{k: v for k, v in settings.items() if v is not None})
     return train_toy_model(out_dir, config)

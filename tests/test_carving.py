@@ -151,7 +151,7 @@ def test_carving_opens_a_hole_through_a_dmtet_disc(dmtet_disc):
     assert len(carved) == 1 and carved[0].genus == 1
 
 
-def test_carved_rays_are_remembered_for_memory_steps_once_seen_twice(tmp_path):
+def test_carved_rays_are_remembered_for_memory_steps_once_confirmed(tmp_path):
     from xdreamer.rundir import read_checkpoint, write_checkpoint
 
     origins = torch.tensor([[0.0, 0.0, 3.0], [3.0, 0.0, 0.0]])
@@ -180,8 +180,12 @@ def test_carved_rays_are_remembered_for_memory_steps_once_seen_twice(tmp_path):
     restored.load_state_dict(read_checkpoint(tmp_path / "c.safetensors")["carved"])
     assert torch.equal(restored.steps, torch.tensor([6, 6, 6, 7]))
     assert torch.equal(restored.add(8, *none)[1], memory.add(8, *none)[1])
+    thrice = CarvedRays(10, confirm=3)
+    assert [thrice.add(step, o[:1], d[:1])[0].shape[0] for step in (0, 4, 8, 12)] == [1, 1, 3, 3]
     with pytest.raises(ValueError, match="at least 1 step"):
         CarvedRays(0)
+    with pytest.raises(ValueError, match="seen on at least 1 step"):
+        CarvedRays(5, confirm=0)
 
 
 def test_a_carving_memory_keeps_a_hole_the_guidance_shows_now_and_then(dmtet_disc):

@@ -80,10 +80,12 @@ class GeometryConfig:
     carve_weight: float = 0.0
     carve_guidance_scale: float = 4.0
     carve_threshold: float = 0.1
-    # Steps a carved ray stays carved (1: only the step whose denoised image showed the hole).
-    # The guidance shows a hole on few steps and SDS fills it back between them; a memory keeps
-    # it open (geometry/carving.py, CarvedRays).
+    # Steps a carved ray stays carved (1: only the step whose denoised image showed the hole),
+    # once holes were shown on carve_confirm of those steps. The guidance shows a hole on few
+    # steps and SDS fills it back between them; a memory keeps it open, the confirmation keeps
+    # a lone dark patch from drilling a tunnel (geometry/carving.py, CarvedRays).
     carve_memory: int = 1
+    carve_confirm: int = 2
     # The stage counts as collapsed (and goes back to its last good checkpoint with half the
     # learning rate) when the mesh's area falls below this fraction of the initial shape's: on
     # the way to nothing SDS can leave slivers that never recover (a white pyramid, 0.10).
@@ -381,6 +383,7 @@ _INT_BOUNDS = [
     ("appearance.hash_log2_table_size", 10, 24),
     ("geometry.frequency_count", 1, 16),
     ("geometry.carve_memory", 1, 10**6),
+    ("geometry.carve_confirm", 1, 10**6),
     ("appearance.frequency_count", 1, 16),
 ]
 _NON_NEGATIVE_INTS = ["geometry.iters", "appearance.iters", "init.steps", "geometry.latent_phase_iters",

@@ -145,16 +145,19 @@ class CarvedRays:
     of the last `memory` steps keeps what the guidance asked for open until it asks again;
     memory 1 carves only what the current step found.
 
-    A hole is remembered only once it has been seen twice: while the rays in memory were all
-    found on one step, only the current step's rays are carved. A false hole (a dark patch of
-    one denoised image) comes alone — in the toy runs that a 20-step memory drilled, a gray cube
-    and a white cylinder, the guidance showed background on 2 and 1 of 150 steps, 77 steps apart
-    — whereas a torus' hole is shown on step after step."""
+    A hole is remembered only once it has been seen on `confirm` steps: while the rays in memory
+    were found on fewer, only the current step's rays are carved. False holes (dark patches of a
+    denoised image) come alone or in pairs — in the toy runs that a 20-step memory drilled, a gray
+    cube and a white cylinder, the guidance showed background on 3 and 1 of 150 steps (the cube's
+    at steps 50, 127 and 134) — whereas a torus' hole is shown on step after step (10 of its
+    first 25 steps)."""
 
-    def __init__(self, memory: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, memory: int, device: torch.device | str = "cpu", confirm: int = 2) -> None:
         if memory < 1:
             raise ValueError(f"carving memory must be at least 1 step, got {memory}")
-        self.memory = memory
+        if confirm < 1:
+            raise ValueError(f"a hole must be seen on at least 1 step to be remembered, got {confirm}")
+        self.memory, self.confirm = memory, confirm
         self.steps = torch.zeros(0, dtype=torch.long, device=device)
         self.origins = torch.zeros(0, 3, device=device)
         self.directions = torch.zeros(0, 3, device=device)
@@ -162,14 +165,14 @@ class CarvedRays:
     def add(self, step: int, origins: torch.Tensor, directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Remember the rays origins (R, 3), directions (R, 3) found at `step`, forget those found
         `memory` or more steps before it, and return the rays to carve now: the remembered ones,
-        oldest first, when they were found on two steps or more, else the given ones."""
+        oldest first, when they were found on `confirm` steps or more, else the given ones."""
         steps = torch.full((origins.shape[0],), step, dtype=torch.long, device=self.steps.device)
         self.steps = torch.cat([self.steps, steps])
         self.origins = torch.cat([self.origins, origins.detach().to(self.origins)])
         self.directions = torch.cat([self.directions, directions.detach().to(self.directions)])
         recent = self.steps > step - self.memory
         self.steps, self.origins, self.directions = self.steps[recent], self.origins[recent], self.directions[recent]
-        if self.steps.unique().numel() < 2:
+        if self.steps.unique().numel() < self.confirm:
             return origins, directions
         return self.origins, self.directions
 

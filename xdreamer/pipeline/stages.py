@@ -104,7 +104,7 @@ class GeometryStage(_Stage):
             ).to(device)
         self.optimizer = self.make_optimizer(g.lr)
         self._edges: torch.Tensor | None = None
-        self.carved = CarvedRays(g.carve_memory, device)
+        self.carved = CarvedRays(g.carve_memory, device, g.carve_confirm)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "geometry_carved_rays": self.carved.state_dict()}
@@ -114,7 +114,7 @@ class GeometryStage(_Stage):
         if "geometry_carved_rays" in state:  # checkpoints from before the carving memory have none
             self.carved.load_state_dict(state["geometry_carved_rays"])
         else:
-            self.carved = CarvedRays(self.carved.memory, self.device)
+            self.carved = CarvedRays(self.carved.memory, self.device, self.carved.confirm)
 
     def make_optimizer(self, lr: float) -> torch.optim.AdamW:
         return _adamw([{"params": list(self.geometry.parameters())}, {"params": self.guide.camera_parameters}], lr)

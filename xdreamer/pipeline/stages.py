@@ -204,7 +204,8 @@ class GeometryStage(_Stage):
     def carve(self, step: int, denoised: torch.Tensor, mask: torch.Tensor, cameras: Cameras) -> torch.Tensor:
         """The silhouette-carving loss (geometry/carving.py) of `step`: denoised (B, C, h, w) the
         guidance's prediction of the clean normal maps, mask (B, H, W, 1) the render's coverage.
-        Carves along the rays found now and in the last `geometry.carve_memory` - 1 steps."""
+        Carves along the rays found now, and those of the last `geometry.carve_memory` - 1 steps
+        once `geometry.carve_confirm` steps have shown holes (`CarvedRays`)."""
         images = self.guide.guidance.decode_images(denoised)  # (B, S, S, 3)
         # Holes are judged at most at 64^2 (the toy model sees 32^2; SD's 512^2 decode is resized),
         # so "3x3 pixels" means the same share of the view for every model.

@@ -12,7 +12,6 @@ import trimesh
 from xdreamer.geometry.carving import (
     CarvedRays,
     background_pixels,
-    carve_loss,
     carved_rays,
     enclosed_background,
     ray_carve_loss,
@@ -84,7 +83,7 @@ def test_enclosed_background_is_what_no_background_path_joins_to_the_border():
     assert not bool(enclosed_background(broken).any())
 
 
-def test_carve_loss_has_its_closed_form_value():
+def test_carving_loss_has_its_closed_form_value():
     radius, half = 0.5, 1.0
 
     def sphere_sdf(points):
@@ -93,10 +92,10 @@ def test_carve_loss_has_its_closed_form_value():
     origins = torch.tensor([[0.0, 0.0, 3.0]])
     directions = torch.tensor([0.0, 0.0, -1.0]).expand(1, 1, 1, 3)
     carve = torch.ones(1, 1, 1, dtype=torch.bool)
-    loss = carve_loss(sphere_sdf, origins, directions, carve, half, samples=4000)
+    loss = ray_carve_loss(sphere_sdf, *carved_rays(origins, directions, carve), half, samples=4000)
     # mean over the ray's stretch [-1, 1] of relu(r - |z|) = r^2 / (2 h)
     assert float(loss) == pytest.approx(radius**2 / (2 * half), rel=1e-4)
-    nothing = carve_loss(sphere_sdf, origins, directions, ~carve, half)
+    nothing = ray_carve_loss(sphere_sdf, *carved_rays(origins, directions, ~carve), half)
     assert float(nothing) == 0.0
 
 
@@ -135,7 +134,7 @@ def _optimized(geometry: DMTetGeometry, target, carve_weight: float) -> list:
     for _ in range(80):
         optimizer.zero_grad()
         loss = (geometry.sdf_at(keep) - keep_sdf).square().mean()
-        loss = loss + carve_weight * carve_loss(geometry.sdf_at, origins, directions, carve, 1.05)
+        loss = loss + carve_weight * ray_carve_loss(geometry.sdf_at, *carved_rays(origins, directions, carve), 1.05)
         loss.backward()
         optimizer.step()
     return mesh_pieces(geometry().detach())
@@ -169,9 +168,6 @@ def test_carved_rays_are_remembered_for_memory_steps_once_confirmed(tmp_path):
     once = CarvedRays(1)
     once.add(0, o, d)
     assert torch.equal(once.add(1, o[1:], d[1:])[1], d[1:])  # memory 1: this step's rays only
-    # carve_loss is the ray loss of the carved pixels' rays
-    sphere = lambda p: p.norm(dim=-1) - 0.5  # noqa: E731
-    assert float(carve_loss(sphere, origins, directions, carve, 1.0)) == float(ray_carve_loss(sphere, o, d, 1.0))
     # The memory travels in the run's checkpoint (a resumed run carves what it would have).
     memory.add(6, o, d)
     memory.add(7, o[:1], d[:1])

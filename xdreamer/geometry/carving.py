@@ -122,20 +122,6 @@ def ray_carve_loss(
     return torch.relu(-sdf_at(points.reshape(-1, 3))).mean()
 
 
-def carve_loss(
-    sdf_at: Callable[[torch.Tensor], torch.Tensor],
-    origins: torch.Tensor,
-    directions: torch.Tensor,
-    carve: torch.Tensor,
-    half_extent: float,
-    samples: int = 32,
-    max_rays: int = 1024,
-) -> torch.Tensor:
-    """The carving loss for the rays of the True pixels of `carve` (B, h, w) of one step:
-    `ray_carve_loss` on `carved_rays(origins, directions, carve)`."""
-    return ray_carve_loss(sdf_at, *carved_rays(origins, directions, carve), half_extent, samples, max_rays)
-
-
 class CarvedRays:
     """The rays carving found in the last `memory` steps, each with the step it was found at.
 

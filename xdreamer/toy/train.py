@@ -43,8 +43,9 @@ TEXT_DIM = 64
 CAPTION_DROPOUT = 0.1  # empty caption, for classifier-free guidance
 VIEW_SUFFIX_PROBABILITY = 0.75  # otherwise the caption has no ", front view" suffix
 # Bumped whenever the world or the rendering changes, so a cached dataset is never reused stale
-# (2: objects with a front, ", normal map" captions).
-DATASET_VERSION = 2
+# (2: objects with a front, ", normal map" captions; 3: every object seen from above one time in
+# eight, `dataset.is_overhead`).
+DATASET_VERSION = 3
 
 
 @dataclass

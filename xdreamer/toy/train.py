@@ -50,7 +50,8 @@ DATASET_VERSION = 3
 
 @dataclass
 class ToyTrainingConfig:
-    """What a training run depends on; the defaults reproduce the shipped model."""
+    """What a training run depends on; the defaults are the shipped model's settings (it was
+    trained on dataset v2; docs/toy_model.md, "Training")."""
 
     steps: int = 15000
     batch_size: int = 16

@@ -85,13 +85,6 @@ def carved_rays(
     return origins[view], directions[view, row, col]
 
 
-def _strided(count: int, most: int, device: torch.device) -> torch.Tensor | None:
-    """Indices of at most `most` of `count` items, evenly strided; None when all fit."""
-    if count <= most:
-        return None
-    return torch.linspace(0, count - 1, most, device=device).round().long()
-
-
 def ray_carve_loss(
     sdf_at: Callable[[torch.Tensor], torch.Tensor],
     origins: torch.Tensor,
@@ -108,8 +101,10 @@ def ray_carve_loss(
     connected to the SDF) without rays."""
     if origins.shape[0] == 0:
         return sdf_at(origins.new_zeros(1, 3)).sum() * 0.0 + 0.0  # + 0.0: a plain zero, not -0.0
-    keep = _strided(origins.shape[0], max_rays, origins.device)
-    o, d = (origins, directions) if keep is None else (origins[keep], directions[keep])
+    o, d = origins, directions
+    if o.shape[0] > max_rays:
+        keep = torch.linspace(0, o.shape[0] - 1, max_rays, device=o.device).round().long()
+        o, d = o[keep], d[keep]
     # Slab intersection of each ray with the box; every carved pixel lies inside the silhouette,
     # so its ray crosses the box.
     inverse = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)

@@ -31,6 +31,7 @@ import torch
 
 from xdreamer.guidance.loader import load_guidance_model
 from xdreamer.guidance.sds import predict_noise
+from xdreamer.pipeline.guide import GuideOutput
 from xdreamer.render.camera import spherical_cameras
 from xdreamer.render.light import default_environment
 from xdreamer.toy.dataset import render_placed
@@ -66,19 +67,19 @@ def front_share(images: torch.Tensor, foreground: torch.Tensor, body: str, front
     return float(in_front_colour(images, body, front)[foreground].float().mean()) if foreground.any() else 0.0
 
 
-def denoised(toy, x0: torch.Tensor, t: int, text: str, guidance: float) -> torch.Tensor:
-    """x0 (B, 3, 32, 32) in [-1, 1] noised at t (fixed noise) -> the model's clean prediction,
-    (B, 32, 32, 3) sRGB in [0, 1], with classifier-free guidance `guidance`."""
+def predictions(toy, x0: torch.Tensor, t: int, text: str) -> GuideOutput:
+    """x0 (B, 3, 32, 32) noised at t (fixed noise) and the model's conditional (`text`) and
+    unconditional noise predictions, as a GuideOutput whose `denoised(scale)` is the clean image
+    score distillation pulls toward at that guidance scale."""
     steps = torch.full((x0.shape[0],), t)
-    a = toy.alphas_cumprod[steps].view(-1, 1, 1, 1)
+    alphas = toy.alphas_cumprod[steps]
+    a = alphas.view(-1, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
     with torch.no_grad():
         context = encode_text(toy.text_encoder, toy.tokenizer, [text] * len(x0) + [""] * len(x0))
         conditional, unconditional = predict_noise(toy, torch.cat([noisy, noisy]), steps.repeat(2), context).chunk(2)
-    eps = unconditional + guidance * (conditional - unconditional)
-    clean = (noisy - (1 - a).sqrt() * eps) / a.sqrt()
-    return ((clean.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+    return GuideOutput({}, False, None, None, x0, noise, unconditional, conditional, alphas)
 
 
 def main(model: str = "toy") -> None:
@@ -95,7 +96,7 @@ def main(model: str = "toy") -> None:
                 out = render_placed(thing, placement, cameras, 32, 0.6, default_environment())
             renders[thing] = (toy.encode_images(out["shaded"]), out["mask"][..., 0] > 0.5)
         x0, mask = renders[fronted]
-        front_face = in_front_colour(((x0 + 1) / 2).permute(0, 2, 3, 1), body, front) & mask
+        front_face = in_front_colour(toy.decode_images(x0), body, front) & mask
         cases = (
             (f"plain {body} cube", ToyObject("cube", body), fronted.caption("front")),
             (f"{body} cube, {front} front", fronted, fronted.caption("front")),
@@ -105,9 +106,10 @@ def main(model: str = "toy") -> None:
             x0, mask = renders[thing]
             cells = []
             for t in TIMESTEPS:
+                prediction = predictions(toy, x0, t, text)
                 shares = []
                 for g in GUIDANCE:
-                    painted = in_front_colour(denoised(toy, x0, t, text, g), body, front) & mask
+                    painted = in_front_colour(toy.decode_images(prediction.denoised(g)), body, front) & mask
                     share = f"{100 * float(painted[mask].float().mean()):.0f} %"
                     if thing.front is None:  # where it paints: on the front face, on the other faces
                         rest = mask & ~front_face
@@ -115,7 +117,7 @@ def main(model: str = "toy") -> None:
                                   f" : {100 * float(painted[rest].float().mean()):.0f})")
                     shares.append(share)
                 cells.append(" / ".join(shares))
-            input_share = front_share(((x0 + 1) / 2).permute(0, 2, 3, 1), mask, body, front)
+            input_share = front_share(toy.decode_images(x0), mask, body, front)
             print(f"| {label} ({100 * input_share:.0f} % front) | \"{text}\" | " + " | ".join(cells) + " |")
     print(f"\nCells: front-colour share of x0 at guidance {' / '.join(str(g) for g in GUIDANCE)}; in brackets, for the "
           "plain cube, the % of the front face (where the cube with its front has it) : of the other faces.\n")

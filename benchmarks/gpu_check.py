@@ -198,13 +198,15 @@ def raster(check: Check) -> dict:
         result["nvdiffrast"] = "not tried: no CUDA device"
     else:
         try:
-            import nvdiffrast.torch as dr
+            from xdreamer.render import _raster_nvdiffrast
 
             start = time.perf_counter()
-            dr.RasterizeCudaContext(device=device)  # the first one JIT-compiles the CUDA plugin
+            context = _raster_nvdiffrast.context_for(device)  # the first one JIT-compiles the CUDA plugin
+            if isinstance(context, str):
+                raise RuntimeError(context)
             result["nvdiffrast_first_context_s"] = round(time.perf_counter() - start, 1)
             start = time.perf_counter()
-            dr.RasterizeCudaContext(device=device)
+            _raster_nvdiffrast.NvdiffrastContext(device)
             result["nvdiffrast_next_context_s"] = round(time.perf_counter() - start, 3)
             backends["nvdiffrast"] = Rasterizer("nvdiffrast")
             check.raster_backend = "nvdiffrast"

@@ -271,6 +271,43 @@ def test_missing_nvdiffrast_falls_back_and_explicit_request_fails(monkeypatch, c
         Rasterizer("nvdiffrast").backend_for("cpu")
 
 
+def test_plugin_built_but_not_importable_by_name_is_imported_from_its_build_folder(
+    monkeypatch, tmp_path, clean_probes
+):
+    # nvdiffrast 0.3.3 on torch >= 2.x: the plugin builds, then `import <plugin name>` fails because
+    # the build folder is not on sys.path (seen on an H200, torch 2.11).
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    plugin = "nvdiffrast_plugin_0_3_3_1_torch2_11_0_cu130"
+    folder = str(tmp_path / plugin)
+    attempts = []
+
+    def make_context(device):
+        attempts.append(folder in sys.path)
+        if folder not in sys.path:
+            raise ModuleNotFoundError(f"No module named '{plugin}'", name=plugin)
+        return "context"
+
+    _fake_nvdiffrast(monkeypatch, make_context)
+    cuda = torch.device("cuda", 0)
+    assert Rasterizer("nvdiffrast").backend_for(cuda) == "nvdiffrast"
+    assert attempts == [False, True] and sys.path.count(folder) == 1
+    assert _raster_nvdiffrast.context_for(cuda).context == "context"
+
+    # another missing module is not this defect: one line, no retry
+    _raster_nvdiffrast.context_for.cache_clear()
+    attempts.clear()
+
+    def missing_dependency(device):
+        attempts.append(device)
+        raise ModuleNotFoundError("No module named 'ninja'", name="ninja")
+
+    _fake_nvdiffrast(monkeypatch, missing_dependency)
+    with pytest.raises(RasterError, match=r"cannot run on cuda:0: ModuleNotFoundError: No module named 'ninja'$"):
+        Rasterizer("nvdiffrast").backend_for(cuda)
+    assert attempts == [cuda]
+
+
 class _TorchAsNvdiffrast:
     """nvdiffrast.torch's functions on the CPU, in nvdiffrast's layout (row 0 at NDC y = -1)."""
 

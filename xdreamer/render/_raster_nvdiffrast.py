@@ -7,6 +7,7 @@ antialiaser) gives the project's layout with identical pixel centres."""
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -20,7 +21,7 @@ class NvdiffrastContext:
         import nvdiffrast.torch as dr
 
         self.dr = dr
-        self.context = dr.RasterizeCudaContext(device=device)
+        self.context = _make_context(dr, device)
 
     def rasterize(self, pos_clip: torch.Tensor, faces: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
         rast, _ = self.dr.rasterize(
@@ -43,6 +44,28 @@ class NvdiffrastContext:
             faces.int().contiguous(),
         )
         return out.flip(1)
+
+
+def _make_context(dr, device: torch.device):
+    """nvdiffrast's RasterizeCudaContext, past a defect of nvdiffrast 0.3.3 on current PyTorch.
+
+    Its first context builds the CUDA plugin with `torch.utils.cpp_extension.load` and then imports
+    the plugin by name; current PyTorch loads the built module without putting its build folder on
+    `sys.path`, so that import fails with ModuleNotFoundError although the build succeeded (seen on
+    an H200 with torch 2.11; NVlabs/nvdiffrast pull request 228). The folder is then put on the path
+    and the context made again, which imports the plugin already built."""
+    try:
+        return dr.RasterizeCudaContext(device=device)
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("nvdiffrast_plugin"):
+            raise
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = _get_build_directory(error.name, verbose=False)
+        if folder in sys.path:
+            raise
+        sys.path.append(folder)
+        return dr.RasterizeCudaContext(device=device)
 
 
 def _one_line(error: BaseException) -> str:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import trimesh
 
 from xdreamer.geometry.carving import (
@@ -45,7 +46,14 @@ def test_pixel_rays_hit_what_the_rasterizer_covers():
     assert torch.allclose(directions.norm(dim=-1), torch.ones(4, 48, 48), atol=1e-6)
     hit = _ray_hits_sphere(origins, directions, centre, 0.45)
     assert int((mask > 0.99).sum()) > 500
-    assert bool(hit[mask > 0.99].all()) and not bool(hit[mask < 0.01].any())
+    assert bool(hit[mask > 0.99].all())
+    # Background rays miss, except on the rim: the antialiaser blends a silhouette edge across the
+    # pixel pairs of one direction only (as nvdiffrast), so a pixel centre just inside the sphere,
+    # between two teeth of the polygon's zigzag outline, can read 0 beside a covered pixel (2 here).
+    background = mask < 0.01
+    rim = F.max_pool2d((~background).float()[:, None], 3, stride=1, padding=1)[:, 0] > 0
+    assert not bool(hit[background & ~rim].any())
+    assert int((hit & background).sum()) <= 0.01 * int((rim & background).sum())
 
 
 def test_background_pixels_are_black_and_inside_the_eroded_silhouette():

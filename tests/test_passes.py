@@ -127,8 +127,31 @@ def test_mask_area_gradient_matches_finite_differences_when_scaling_a_sphere():
     secant = (area(one(1.05)) - area(one(0.95))) / 0.1
     exact = (disc(1.0 + 1e-6) - disc(1.0 - 1e-6)) / 2e-6
     assert float(secant) == pytest.approx(exact, rel=0.1)
-    # ... but its local slope overestimates: horizontal and vertical pixel pairs both blend across
-    # a slanted edge (as in nvdiffrast), by up to 2x at 45 degrees.
-    assert exact < float(grad) < 2 * exact
+    # ... and so does its local slope: each silhouette edge is blended across the pixel pairs of
+    # one direction only, as in nvdiffrast (across both, the slope was up to 2x the area's).
+    assert float(grad) == pytest.approx(exact, rel=0.01)
     print(f"mask {float(value.detach()):.1f} px vs disc {disc(1.0):.1f}; d/dscale autograd {float(grad):.1f}, "
           f"local FD {float(local):.1f}, secant {float(secant):.1f}, exact {exact:.1f}")
+
+
+def test_silhouette_weight_scales_the_silhouette_gradient_and_nothing_else():
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.6)
+    base = torch.tensor(sphere.vertices, dtype=torch.float32)
+    faces = torch.tensor(sphere.faces)
+    cameras = orbit_cameras(2, elevation=10.0)
+    light = torch.tensor([0.3, 0.8, 0.5])
+    outputs, mask_grads, shading_grads = {}, {}, {}
+    for weight in (1.0, 2.5):
+        vertices = base.clone().requires_grad_(True)
+        out = render_geometry(Mesh(vertices, faces), cameras, 48, backend="torch", silhouette_weight=weight)
+        outputs[weight] = out
+        (mask_grads[weight],) = torch.autograd.grad(out["mask"].sum(), vertices, retain_graph=True)
+        # the shading part (normals inside the silhouette) reaches the vertices through the normals
+        inside = (out["mask"][..., 0] == 1).float()[..., None]
+        (shading_grads[weight],) = torch.autograd.grad((out["normal"] * light * inside).sum(), vertices)
+    for key in ("normal", "mask", "depth", "rast"):
+        assert torch.equal(outputs[1.0][key], outputs[2.5][key]), key
+    assert float(mask_grads[1.0].abs().sum()) > 1.0
+    assert torch.allclose(mask_grads[2.5], 2.5 * mask_grads[1.0], rtol=1e-5, atol=1e-4)
+    assert float(shading_grads[1.0].abs().sum()) > 0.1
+    assert torch.allclose(shading_grads[2.5], shading_grads[1.0], rtol=1e-5, atol=1e-4)

@@ -72,6 +72,10 @@ class GeometryConfig:
     normal_consistency_weight: float = 0.0
     laplacian_weight: float = 0.0
     sdf_weight: float = 0.0
+    # Weight of the silhouette's pull on the vertices against the shading's: the gradient that
+    # reaches them through the antialiased edge pixels is scaled by it (1 = the renderer's own, as
+    # nvdiffrast gives it; the rendered images are the same whatever it is).
+    silhouette_weight: float = 1.0
     # Silhouette carving (xdreamer/geometry/carving.py; 0 = off, as in the paper): where the
     # guidance's denoised image shows background inside the silhouette, push the SDF outward
     # along those pixels' rays, so holes (a torus, a handle) can open. The denoised image is
@@ -394,7 +398,8 @@ _POSITIVE = ["init.lr", "geometry.lr", "appearance.lr", "cg_lora.lr", "geometry.
 _NON_NEGATIVE = ["ama.weight", "geometry.guidance_scale", "appearance.guidance_scale", "camera.jitter",
                  "cg_lora.grad_clip", "cg_lora.scale", "geometry.normal_consistency_weight",
                  "geometry.laplacian_weight", "geometry.sdf_weight", "geometry.min_piece_fraction",
-                 "geometry.carve_weight", "geometry.carve_guidance_scale", "geometry.carve_threshold"]
+                 "geometry.carve_weight", "geometry.carve_guidance_scale", "geometry.carve_threshold",
+                 "geometry.silhouette_weight"]
 
 
 def _floats(node, prefix: str = ""):

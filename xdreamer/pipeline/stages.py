@@ -167,7 +167,10 @@ class GeometryStage(_Stage):
         mesh, sdf = self._mesh_and_sdf()
         if self._too_small(mesh):
             return None
-        out = render_geometry(mesh, cameras.to(self.device), g.render_resolution, backend=self.rasterizer)
+        out = render_geometry(
+            mesh, cameras.to(self.device), g.render_resolution, backend=self.rasterizer,
+            silhouette_weight=g.silhouette_weight,
+        )
         normal, mask = out["normal"], out["mask"]
         early_latents = self.guide.guidance.is_latent and step < g.latent_phase_iters
         if early_latents:

@@ -256,6 +256,7 @@ def antialias(
 
         sx_all, sy_all, in_front_all = _screen(pos_clip.detach(), height, width)
         facing = front[image, face]
+        horizontal = iy == oy
 
         current = face.clone()
         active = torch.ones_like(face, dtype=torch.bool)
@@ -274,7 +275,12 @@ def antialias(
             silhouette = (across < 0) | (front[image, across.clamp(min=0)] != facing)
             crossing = active & usable & (t <= 1.0)
             hit = crossing & silhouette
-            found |= hit
+            # Each silhouette edge is taken by the pairs of one direction only, those it is the
+            # more perpendicular to (horizontal pairs: edges at least as steep as 45 degrees), as
+            # in nvdiffrast: taken by both, it would move twice the coverage it moves.
+            ex = (sx.roll(-2, 1) - sx.roll(-1, 1)).gather(1, edge[:, None]).squeeze(1).abs()
+            ey = (sy.roll(-2, 1) - sy.roll(-1, 1)).gather(1, edge[:, None]).squeeze(1).abs()
+            found |= hit & torch.where(horizontal, ey >= ex, ex >= ey)
             exit_edge = torch.where(hit, edge, exit_edge)
             active = crossing & ~silhouette
             current = torch.where(active, across, current)

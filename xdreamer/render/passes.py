@@ -22,8 +22,13 @@ def render_geometry(
     cameras: Cameras,
     resolution: int | tuple[int, int],
     backend: str | Rasterizer = "auto",
+    silhouette_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Rasterize `mesh` from every camera.
+
+    `silhouette_weight` scales the gradient that reaches the vertices through the antialiased
+    silhouette (how far an edge pixel's coverage moves with them) against the shading's; the
+    outputs' values do not depend on it.
 
     Returns normal (B, H, W, 3) world-space interpolated vertex normals in [-1, 1], antialiased
     over a 0 background; mask (B, H, W, 1) antialiased coverage in [0, 1] whose gradients reach
@@ -43,8 +48,11 @@ def render_geometry(
     normal = interpolate(mesh.vertex_normals(), rast, mesh.faces, rasterizer)
     # Interpolated unit normals are shorter than 1 inside a triangle; background stays 0.
     normal = normal / normal.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-    normal = antialias(normal, rast, pos_clip, mesh.faces, rasterizer, neighbors)
-    mask = antialias(covered, rast, pos_clip, mesh.faces, rasterizer, neighbors)
+    edge_pos = pos_clip
+    if silhouette_weight != 1.0:  # pos + w (pos - pos) is pos exactly; its gradient is w times pos's
+        edge_pos = pos_clip.detach() + silhouette_weight * (pos_clip - pos_clip.detach())
+    normal = antialias(normal, rast, edge_pos, mesh.faces, rasterizer, neighbors)
+    mask = antialias(covered, rast, edge_pos, mesh.faces, rasterizer, neighbors)
     # Clip-space w is the distance along the view axis for an OpenGL perspective projection.
     depth = interpolate(pos_clip[..., 3:4], rast, mesh.faces, rasterizer)[..., 0]
     return {"normal": normal, "mask": mask, "depth": depth, "rast": rast, "pos_clip": pos_clip}

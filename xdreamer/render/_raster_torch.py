@@ -183,13 +183,19 @@ def edge_neighbors(faces: torch.Tensor) -> torch.Tensor:
     return neighbors.view(count, 3)
 
 
+def _edge_vectors(sx, sy):
+    """Screen-space triangles (N, 3) -> (ex, ey), each (N, 3): edge i runs from vertex i+1 to
+    vertex i+2."""
+    return sx.roll(-2, 1) - sx.roll(-1, 1), sy.roll(-2, 1) - sy.roll(-1, 1)
+
+
 def _edge_values(sx, sy, ix, iy, ox, oy):
     """Screen-space edge functions of triangles (N, 3) at the inner and outer pixel centres (N,).
 
-    Edge i runs from vertex i+1 to vertex i+2 and is positive on vertex i's side; returns
-    (at inner, at outer), each (N, 3)."""
-    jx, jy, kx, ky = sx.roll(-1, 1), sy.roll(-1, 1), sx.roll(-2, 1), sy.roll(-2, 1)
-    ex, ey = kx - jx, ky - jy
+    Edge i (`_edge_vectors`) is positive on vertex i's side; returns (at inner, at outer), each
+    (N, 3)."""
+    jx, jy = sx.roll(-1, 1), sy.roll(-1, 1)
+    ex, ey = _edge_vectors(sx, sy)
     orientation = (ex[:, :1] * (sy[:, :1] - jy[:, :1]) - ey[:, :1] * (sx[:, :1] - jx[:, :1])).sign()
     at_inner = (ex * (iy[:, None] - jy) - ey * (ix[:, None] - jx)) * orientation
     at_outer = (ex * (oy[:, None] - jy) - ey * (ox[:, None] - jx)) * orientation
@@ -280,8 +286,7 @@ def antialias(
             # Each silhouette edge is taken by the pairs of one direction only, those it is the
             # more perpendicular to (horizontal pairs: edges at least as steep as 45 degrees), as
             # in nvdiffrast: taken by both, it would move twice the coverage it moves.
-            ex = (sx.roll(-2, 1) - sx.roll(-1, 1)).gather(1, edge[:, None]).squeeze(1).abs()
-            ey = (sy.roll(-2, 1) - sy.roll(-1, 1)).gather(1, edge[:, None]).squeeze(1).abs()
+            ex, ey = (e.gather(1, edge[:, None]).squeeze(1).abs() for e in _edge_vectors(sx, sy))
             found |= hit & torch.where(horizontal, ey >= ex, ex >= ey)
             exit_edge = torch.where(hit, edge, exit_edge)
             active = crossing & ~silhouette

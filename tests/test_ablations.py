@@ -60,8 +60,8 @@ def test_ama_raises_the_attention_mask_alignment(tmp_path):
     resolutions), on average over six seeds: with a random tiny UNet one seed is noise. Measured
     over 30 steps (the toy preset, silhouette weight 2): -0.052 to +0.158, mean +0.038, with the
     suite's threads; +0.001 to +0.140, mean +0.047, with one; over 100 steps, seeds 0-3, -0.039 to
-    +0.265. Until 2026-11-27 this test took one seed;
-    once the antialiaser's silhouette gradient was fixed, that seed's difference changed sign."""
+    +0.265. Until 2026-11-27 this test took one seed; once the antialiaser's silhouette gradient
+    was fixed, that seed's difference changed sign."""
     model = str(make_tiny_sd(tmp_path / "sd", "sd2"))
     common = ["geometry.iters=30", "appearance.iters=0", "ama.diagnose_every=1", "ama.visualize_every=0",
               "geometry.latent_phase_iters=0"]

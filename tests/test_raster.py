@@ -166,33 +166,43 @@ def test_silhouette_gradient_of_a_slanted_edge_over_another_surface():
         assert abs(float(finite)) > 1.0
 
 
+def _coverage(pos, faces, size, backend="torch"):
+    """The antialiased mask's sum: the area `faces` cover, in pixels."""
+    rast = rasterize(pos, faces, size, backend=backend)
+    ones = torch.ones(pos.shape[-2], 1, dtype=pos.dtype, device=pos.device)
+    return antialias(interpolate(ones, rast, faces, backend=backend), rast, pos, faces, backend=backend).sum()
+
+
+def _coverage_growth(pos, faces, size, backend="torch"):
+    """(d coverage / ds, coverage) for the image scaled by s about its centre (clip x, y times s),
+    by autograd; the area grows as s², so the rate should be 2 x coverage."""
+    variable = pos.clone().requires_grad_(True)
+    total = _coverage(variable, faces, size, backend)
+    (grad,) = torch.autograd.grad(total, variable)
+    return float((grad[..., :2] * pos[..., :2]).sum()), float(total.detach())
+
+
 def test_antialiased_coverage_moves_as_fast_as_the_silhouette_area():
     # A triangle over the background: its antialiased mask sums to its area in pixels, and the
     # sum's gradient is the area's (each edge taken by one pair direction, as in nvdiffrast; taken
     # by both, the gradient was 2x the area's: 1.93x on the sphere below).
     pos = torch.tensor([[-0.6, -0.7, 0.0, 1.0], [0.7, -0.2, 0.0, 1.0], [-0.1, 0.75, 0.0, 1.0]], dtype=torch.float64)
     faces = torch.tensor([[0, 1, 2]])
-    size = 48
-
-    def coverage(pos):
-        rast = rasterize(pos, faces, (size, size), backend="torch")
-        mask = interpolate(torch.ones(3, 1, dtype=pos.dtype), rast, faces, backend="torch")
-        return antialias(mask, rast, pos, faces, backend="torch").sum()
+    size = (48, 48)
 
     def area(pos):
-        p = pos[:, :2] * (size / 2)
+        p = pos[:, :2] * (size[0] / 2)
         return 0.5 * ((p[1] - p[0])[0] * (p[2] - p[0])[1] - (p[2] - p[0])[0] * (p[1] - p[0])[1]).abs()
 
     variable = pos.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(coverage(variable), variable)
+    (grad,) = torch.autograd.grad(_coverage(variable, faces, size), variable)
     (expected,) = torch.autograd.grad(area(variable), variable)
-    assert abs(float(coverage(pos)) / float(area(pos)) - 1) < 0.01
+    assert abs(float(_coverage(pos, faces, size)) / float(area(pos)) - 1) < 0.01
     assert float((grad[:, :2] - expected[:, :2]).abs().max()) < 0.08 * float(expected[:, :2].abs().max())
-    rate = float((grad[:, :2] * pos[:, :2]).sum())  # scaling x, y by s: d(area)/ds = 2 x area
+    rate, _ = _coverage_growth(pos, faces, size)  # d(area)/ds = 2 x area
     assert abs(rate / (2 * float(area(pos))) - 1) < 0.02
 
-    # A closed sphere (silhouette between front- and back-facing triangles): scaling its image by
-    # s about the centre grows the covered area as s², so d(coverage)/ds = 2 x coverage.
+    # A closed sphere (silhouette between front- and back-facing triangles).
     import trimesh
 
     from xdreamer.render.camera import orbit_cameras
@@ -202,20 +212,11 @@ def test_antialiased_coverage_moves_as_fast_as_the_silhouette_area():
     faces = torch.tensor(sphere.faces)
     pos = torch.cat([vertices, torch.ones_like(vertices[:, :1])], -1) @ orbit_cameras(2).mvp().transpose(1, 2)
     size = (64, 80)
-
-    def sphere_coverage(pos):
-        rast = rasterize(pos, faces, size, backend="torch")
-        mask = interpolate(torch.ones(len(vertices), 1), rast, faces, backend="torch")
-        return antialias(mask, rast, pos, faces, backend="torch").sum()
-
+    rate, total = _coverage_growth(pos, faces, size)
     scale = torch.zeros_like(pos)
     scale[..., :2] = pos[..., :2]
-    variable = pos.clone().requires_grad_(True)
-    total = sphere_coverage(variable)
-    (grad,) = torch.autograd.grad(total, variable)
-    rate = float((grad * scale).sum())
-    finite = float(sphere_coverage(pos + 1e-3 * scale) - sphere_coverage(pos - 1e-3 * scale)) / 2e-3
-    assert abs(rate / (2 * float(total.detach())) - 1) < 0.02
+    finite = float(_coverage(pos + 1e-3 * scale, faces, size) - _coverage(pos - 1e-3 * scale, faces, size)) / 2e-3
+    assert abs(rate / (2 * total) - 1) < 0.02
     assert abs(rate / finite - 1) < 0.02
 
 
@@ -435,13 +436,6 @@ def test_nvdiffrast_and_torch_backends_agree():
     assert (image_t - image_n).abs().mean() < 0.01
     # Both antialiasers move coverage as fast as the silhouette area grows: scaling the image by s
     # about its centre, d(coverage)/ds = 2 x coverage (the torch one within 1 %, on the CPU too).
-    scale = torch.zeros_like(pos)
-    scale[..., :2] = pos[..., :2]
     for backend in ("torch", "nvdiffrast"):
-        rasterizer = Rasterizer(backend)
-        variable = pos.clone().requires_grad_(True)
-        rast = rasterizer.rasterize(variable, faces, (64, 80))
-        mask = rasterizer.interpolate(torch.ones_like(vertices[:, :1]), rast, faces)
-        coverage = rasterizer.antialias(mask, rast, variable, faces).sum()
-        (grad,) = torch.autograd.grad(coverage, variable)
-        assert abs(float((grad * scale).sum()) / (2 * float(coverage.detach())) - 1) < 0.05, backend
+        rate, total = _coverage_growth(pos, faces, (64, 80), backend)
+        assert abs(rate / (2 * total) - 1) < 0.05, backend

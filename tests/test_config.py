@@ -35,6 +35,17 @@ def test_bad_type_and_bad_choice():
         load_config(prompt="x", overrides=["geometry.t_range=[0.6,0.2]"])
 
 
+def test_the_early_silhouette_weight_is_checked_like_the_weight():
+    early = ["geometry.silhouette_weight_early=3", "geometry.silhouette_switch=75"]
+    cfg = load_config(preset="toy", prompt="x", overrides=early)
+    assert cfg.geometry.silhouette_weight_early == 3.0 and cfg.geometry.silhouette_switch == 75
+    assert load_config(preset="toy", prompt="x").geometry.silhouette_weight_early is None
+    with pytest.raises(ConfigError, match="geometry.silhouette_weight_early must be >= 0"):
+        load_config(prompt="x", overrides=["geometry.silhouette_weight_early=-1"])
+    with pytest.raises(ConfigError, match="geometry.silhouette_switch must be >= 0"):
+        load_config(prompt="x", overrides=["geometry.silhouette_switch=-5"])
+
+
 def test_empty_prompt_and_unknown_preset():
     with pytest.raises(ConfigError, match="prompt is empty"):
         load_config(prompt="   ")

@@ -484,3 +484,26 @@ def test_bound_radius_confines_the_mesh(tmp_path):
         radii[name] = load_mesh(tmp_path / name / "geometry" / "mesh.ply").vertices.norm(dim=-1).max().item()
     assert radii["free"] > 0.45
     assert radii["bounded"] <= 0.32 + 1 / 16
+
+
+def test_the_early_silhouette_weight_holds_until_the_switch(tmp_path, monkeypatch):
+    """geometry.silhouette_weight_early reaches the geometry steps before geometry.silhouette_switch
+    and geometry.silhouette_weight the rest (the validation renders keep the renderer's own, 1)."""
+    from xdreamer import pipeline
+    from xdreamer.config import load_config
+    from xdreamer.pipeline import stages
+
+    weights = []
+    real = stages.render_geometry
+
+    def render_geometry(mesh, cameras, resolution, backend, silhouette_weight=1.0):
+        if resolution == 64:  # the tiny run's geometry steps; validation renders at 256
+            weights.append(silhouette_weight)
+        return real(mesh, cameras, resolution, backend=backend, silhouette_weight=silhouette_weight)
+
+    monkeypatch.setattr(stages, "render_geometry", render_geometry)
+    extra = ["geometry.silhouette_weight_early=3.5", "geometry.silhouette_switch=4", "geometry.silhouette_weight=1.5"]
+    cfg = load_config(preset="toy", prompt="a red cube", overrides=[t for t in TINY if "=" in t] + extra,
+                      views=2, device="cpu")
+    assert pipeline.generate(cfg, tmp_path / "run") == 0
+    assert weights == [3.5] * 4 + [1.5] * 2

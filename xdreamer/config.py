@@ -76,6 +76,10 @@ class GeometryConfig:
     # reaches them through the antialiased edge pixels is scaled by it (1 = the renderer's own, as
     # nvdiffrast gives it; the rendered images are the same whatever it is).
     silhouette_weight: float = 1.0
+    # The silhouette weight of the first silhouette_switch steps (empty: silhouette_weight from
+    # the start): a stronger pull while the topology forms, the plain one while the shape settles.
+    silhouette_weight_early: float | None = None
+    silhouette_switch: int = 0
     # Silhouette carving (xdreamer/geometry/carving.py; 0 = off, as in the paper): where the
     # guidance's denoised image shows background inside the silhouette, push the SDF outward
     # along those pixels' rays, so holes (a torus, a handle) can open. The denoised image is
@@ -391,8 +395,8 @@ _INT_BOUNDS = [
     ("appearance.frequency_count", 1, 16),
 ]
 _NON_NEGATIVE_INTS = ["geometry.iters", "appearance.iters", "init.steps", "geometry.latent_phase_iters",
-                      "appearance.t_switch", "validate_every", "ama.start_geometry", "ama.start_appearance",
-                      "ama.visualize_every", "ama.diagnose_every"]
+                      "appearance.t_switch", "geometry.silhouette_switch", "validate_every", "ama.start_geometry",
+                      "ama.start_appearance", "ama.visualize_every", "ama.diagnose_every"]
 _POSITIVE = ["init.lr", "geometry.lr", "appearance.lr", "cg_lora.lr", "geometry.grid_scale",
              "appearance.environment_scale"]
 _NON_NEGATIVE = ["ama.weight", "geometry.guidance_scale", "appearance.guidance_scale", "camera.jitter",
@@ -453,6 +457,9 @@ def check_config(cfg: DictConfig) -> None:
     for key in _NON_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
+    early = cfg.geometry.silhouette_weight_early
+    if early is not None and early < 0:
+        raise ConfigError(f"geometry.silhouette_weight_early must be >= 0 or empty, got {early}")
     lo, hi = _range(cfg, "appearance.kd_range", 0.0, 1.0)
     if not lo < hi:
         raise ConfigError(f"appearance.kd_range must satisfy min < max, got [{lo:g}, {hi:g}]")

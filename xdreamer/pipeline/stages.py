@@ -169,7 +169,7 @@ class GeometryStage(_Stage):
             return None
         out = render_geometry(
             mesh, cameras.to(self.device), g.render_resolution, backend=self.rasterizer,
-            silhouette_weight=g.silhouette_weight,
+            silhouette_weight=self.silhouette_weight(step),
         )
         normal, mask = out["normal"], out["mask"]
         early_latents = self.guide.guidance.is_latent and step < g.latent_phase_iters
@@ -203,6 +203,13 @@ class GeometryStage(_Stage):
         if attention_png is not None and result.maps:
             save_attention_visualization(attention_png, (normal * 0.5 + 0.5) * mask, mask, result.maps)
         return result
+
+    def silhouette_weight(self, step: int) -> float:
+        """`geometry.silhouette_weight_early` before step `geometry.silhouette_switch` (when set),
+        `geometry.silhouette_weight` from there on."""
+        g = self.cfg.geometry
+        early = g.silhouette_weight_early is not None and step < g.silhouette_switch
+        return g.silhouette_weight_early if early else g.silhouette_weight
 
     def carve(self, step: int, denoised: torch.Tensor, mask: torch.Tensor, cameras: Cameras) -> torch.Tensor:
         """The silhouette-carving loss (geometry/carving.py) of `step`: denoised (B, C, h, w) the

@@ -189,13 +189,12 @@ def _edge_vectors(sx, sy):
     return sx.roll(-2, 1) - sx.roll(-1, 1), sy.roll(-2, 1) - sy.roll(-1, 1)
 
 
-def _edge_values(sx, sy, ix, iy, ox, oy):
-    """Screen-space edge functions of triangles (N, 3) at the inner and outer pixel centres (N,).
+def _edge_values(sx, sy, ex, ey, ix, iy, ox, oy):
+    """Screen-space edge functions of triangles (N, 3), with edge vectors ex, ey (N, 3) from
+    `_edge_vectors`, at the inner and outer pixel centres (N,).
 
-    Edge i (`_edge_vectors`) is positive on vertex i's side; returns (at inner, at outer), each
-    (N, 3)."""
+    Edge i is positive on vertex i's side; returns (at inner, at outer), each (N, 3)."""
     jx, jy = sx.roll(-1, 1), sy.roll(-1, 1)
-    ex, ey = _edge_vectors(sx, sy)
     orientation = (ex[:, :1] * (sy[:, :1] - jy[:, :1]) - ey[:, :1] * (sx[:, :1] - jx[:, :1])).sign()
     at_inner = (ex * (iy[:, None] - jy) - ey * (ix[:, None] - jx)) * orientation
     at_outer = (ex * (oy[:, None] - jy) - ey * (ox[:, None] - jx)) * orientation
@@ -226,9 +225,10 @@ def antialias(
     colours as a one-pixel box filter would, which makes the result differentiable in vertex
     positions through t. An edge counts for the pairs of the direction it is the more
     perpendicular to (horizontal pairs: edges at least as steep as 45 degrees), as in nvdiffrast,
-    so the coverage moves as fast as the silhouette's area. The silhouette is found by walking from the nearer triangle across
-    front-to-front edges along the segment (at most `max_steps` triangles), so sliver triangles
-    that cover no pixel centre, common near the silhouette of fine meshes, do not hide it."""
+    so the coverage moves as fast as the silhouette's area. The silhouette is found by walking
+    from the nearer triangle across front-to-front edges along the segment (at most `max_steps`
+    triangles), so sliver triangles that cover no pixel centre, common near the silhouette of fine
+    meshes, do not hide it."""
     batch, height, width, channels = color.shape
     if neighbors is None:
         neighbors = edge_neighbors(faces)
@@ -274,7 +274,8 @@ def antialias(
             corners = faces[current]
             sx, sy = sx_all[image[:, None], corners], sy_all[image[:, None], corners]
             usable = in_front_all[image[:, None], corners].all(-1)
-            at_inner, at_outer = _edge_values(sx, sy, ix, iy, ox, oy)
+            edge_x, edge_y = _edge_vectors(sx, sy)
+            at_inner, at_outer = _edge_values(sx, sy, edge_x, edge_y, ix, iy, ox, oy)
             # Along the segment an edge function falls linearly; the triangle is left where the
             # first falling one reaches 0.
             falling = at_inner - at_outer
@@ -286,7 +287,7 @@ def antialias(
             # Each silhouette edge is taken by the pairs of one direction only, those it is the
             # more perpendicular to (horizontal pairs: edges at least as steep as 45 degrees), as
             # in nvdiffrast: taken by both, it would move twice the coverage it moves.
-            ex, ey = (e.gather(1, edge[:, None]).squeeze(1).abs() for e in _edge_vectors(sx, sy))
+            ex, ey = (e.gather(1, edge[:, None]).squeeze(1).abs() for e in (edge_x, edge_y))
             found |= hit & torch.where(horizontal, ey >= ex, ex >= ey)
             exit_edge = torch.where(hit, edge, exit_edge)
             active = crossing & ~silhouette
@@ -300,7 +301,7 @@ def antialias(
 
     corners = faces[face]
     sx, sy, _ = _screen(_gather_vertices(pos_clip, image, corners), height, width)  # differentiable
-    at_inner, at_outer = _edge_values(sx, sy, ix, iy, ox, oy)
+    at_inner, at_outer = _edge_values(sx, sy, *_edge_vectors(sx, sy), ix, iy, ox, oy)
     at_inner, at_outer = at_inner.gather(1, exit_edge[:, None]), at_outer.gather(1, exit_edge[:, None])
     t = (at_inner / (at_inner - at_outer)).clamp(0.0, 1.0).to(color.dtype)
     flat = color.reshape(-1, channels)

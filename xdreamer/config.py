@@ -403,7 +403,7 @@ _NON_NEGATIVE = ["ama.weight", "geometry.guidance_scale", "appearance.guidance_s
                  "cg_lora.grad_clip", "cg_lora.scale", "geometry.normal_consistency_weight",
                  "geometry.laplacian_weight", "geometry.sdf_weight", "geometry.min_piece_fraction",
                  "geometry.carve_weight", "geometry.carve_guidance_scale", "geometry.carve_threshold",
-                 "geometry.silhouette_weight"]
+                 "geometry.silhouette_weight", "geometry.silhouette_weight_early"]
 
 
 def _floats(node, prefix: str = ""):
@@ -454,12 +454,10 @@ def check_config(cfg: DictConfig) -> None:
     for key in _POSITIVE:
         if not OmegaConf.select(cfg, key) > 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
-    for key in _NON_NEGATIVE:
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
-    early = cfg.geometry.silhouette_weight_early
-    if early is not None and early < 0:
-        raise ConfigError(f"geometry.silhouette_weight_early must be >= 0 or empty, got {early}")
+    for key in _NON_NEGATIVE:  # an optional key may be empty
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
     lo, hi = _range(cfg, "appearance.kd_range", 0.0, 1.0)
     if not lo < hi:
         raise ConfigError(f"appearance.kd_range must satisfy min < max, got [{lo:g}, {hi:g}]")

@@ -46,6 +46,15 @@ def test_the_early_silhouette_weight_is_checked_like_the_weight():
         load_config(prompt="x", overrides=["geometry.silhouette_switch=-5"])
 
 
+def test_the_overhead_views_are_checked():
+    cfg = load_config(prompt="x", overrides=["camera.overhead_fraction=0.125"])
+    assert cfg.camera.overhead_fraction == 0.125 and list(cfg.camera.overhead_elevation_deg) == [60.0, 80.0]
+    with pytest.raises(ConfigError, match="camera.overhead_fraction must be in \\[0, 1\\], got 1.5"):
+        load_config(prompt="x", overrides=["camera.overhead_fraction=1.5"])
+    with pytest.raises(ConfigError, match="camera.overhead_elevation_deg"):
+        load_config(prompt="x", overrides=["camera.overhead_elevation_deg=[80,60]"])
+
+
 def test_empty_prompt_and_unknown_preset():
     with pytest.raises(ConfigError, match="prompt is empty"):
         load_config(prompt="   ")

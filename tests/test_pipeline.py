@@ -204,6 +204,24 @@ def test_data_parallel_ranks_take_their_own_azimuth_sector():
     assert torch.equal(torch.cat(seen), cameras.azimuth)
 
 
+def test_overhead_views_come_at_their_share_and_leave_the_other_draws_alone():
+    from xdreamer.render.camera import CameraSampling, sample_cameras
+
+    plain = sample_cameras(4000, torch.Generator().manual_seed(0))
+    mixed = sample_cameras(4000, torch.Generator().manual_seed(0), CameraSampling(overhead_fraction=0.25))
+    high = mixed.elevation >= 60.0
+    # 1000 expected overhead views; 4 standard deviations of the binomial are 110.
+    assert abs(int(high.sum()) - 1000) < 110
+    assert float(mixed.elevation[high].max()) <= 80.0
+    # The plain draw's elevations stay where no overhead view replaced them, and every other
+    # camera parameter is drawn as without overhead views.
+    assert torch.equal(mixed.elevation[~high], plain.elevation[~high])
+    assert float(plain.elevation.max()) <= 45.0
+    assert torch.equal(mixed.azimuth, plain.azimuth) and torch.equal(mixed.radius, plain.radius)
+    assert torch.equal(mixed.fov_y, plain.fov_y) and torch.equal(mixed.shift, plain.shift)
+    assert mixed.view_labels().count("overhead") == int(high.sum())
+
+
 def test_torchrun_two_ranks_on_cpu(tmp_path):
     from tiny_models import make_tiny_pixel_model
 

@@ -26,6 +26,11 @@ class CameraConfig:
     radius: list[float] = field(default_factory=lambda: [3.0, 3.0])
     fov_deg: list[float] = field(default_factory=lambda: [25.7, 45.0])
     elevation_deg: list[float] = field(default_factory=lambda: [-10.0, 45.0])
+    # The share of views drawn from overhead_elevation_deg instead (0: none, as in the paper).
+    # A torus' hole is seen through only from above about 34 degrees, and the toy model learned
+    # its overhead views at 60-80 degrees.
+    overhead_fraction: float = 0.0
+    overhead_elevation_deg: list[float] = field(default_factory=lambda: [60.0, 80.0])
     azimuth_deg: list[float] = field(default_factory=lambda: [-180.0, 180.0])
     jitter: float = 0.05  # principal-point shift, NDC
     overhead_elevation: float = 60.0  # above this a view is labelled "overhead"
@@ -474,6 +479,9 @@ def check_config(cfg: DictConfig) -> None:
         )
     _range(cfg, "camera.fov_deg", 1.0, 170.0)
     _range(cfg, "camera.elevation_deg", -90.0, 90.0)
+    _range(cfg, "camera.overhead_elevation_deg", -90.0, 90.0)
+    if not 0.0 <= cfg.camera.overhead_fraction <= 1.0:
+        raise ConfigError(f"camera.overhead_fraction must be in [0, 1], got {cfg.camera.overhead_fraction}")
     lo, hi = _range(cfg, "camera.azimuth_deg", -360.0, 360.0)
     if hi - lo > 360.0:
         raise ConfigError(f"camera.azimuth_deg spans more than 360 degrees: [{lo:g}, {hi:g}]")

@@ -56,7 +56,10 @@ STRUCTURAL_KEYS = (
 
 def camera_sampling(cfg: DictConfig) -> CameraSampling:
     c = cfg.camera
-    return CameraSampling(tuple(c.radius), tuple(c.fov_deg), tuple(c.elevation_deg), tuple(c.azimuth_deg), c.jitter)
+    return CameraSampling(
+        tuple(c.radius), tuple(c.fov_deg), tuple(c.elevation_deg), tuple(c.azimuth_deg), c.jitter,
+        c.overhead_fraction, tuple(c.overhead_elevation_deg),
+    )
 
 
 class Run:

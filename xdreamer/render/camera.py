@@ -160,6 +160,9 @@ class CameraSampling:
     elevation_deg: tuple[float, float] = (-10.0, 45.0)
     azimuth_deg: tuple[float, float] = (-180.0, 180.0)
     jitter: float = 0.05  # max principal-point shift in NDC
+    # Each view is drawn from overhead_elevation_deg instead with this probability.
+    overhead_fraction: float = 0.0
+    overhead_elevation_deg: tuple[float, float] = (60.0, 80.0)
 
 
 def sample_cameras(
@@ -169,8 +172,10 @@ def sample_cameras(
     strata: tuple[int, int] | None = None,
 ) -> Cameras:
     """B random cameras with azimuths stratified across the batch: view i draws from the i-th of
-    B equal azimuth sectors. `strata=(rank, world)` restricts the whole batch to the rank-th of
-    `world` sectors first (each data-parallel rank takes its own quadrant, as the authors did)."""
+    B equal azimuth sectors. Each view's elevation comes from `sampling.overhead_elevation_deg`
+    instead with probability `sampling.overhead_fraction`. `strata=(rank, world)` restricts the
+    whole batch to the rank-th of `world` sectors first (each data-parallel rank takes its own
+    quadrant, as the authors did)."""
     lo, hi = sampling.azimuth_deg
     if strata is not None:
         rank, world = strata
@@ -186,6 +191,10 @@ def sample_cameras(
     radius = uniform(sampling.radius)
     fov = torch.deg2rad(uniform(sampling.fov_deg))
     shift = (torch.rand(batch, 2, generator=generator) * 2 - 1) * sampling.jitter
+    if sampling.overhead_fraction > 0:
+        # Drawn last, so the other draws are those of a sampling without overhead views.
+        overhead = torch.rand(batch, generator=generator) < sampling.overhead_fraction
+        elevation = torch.where(overhead, uniform(sampling.overhead_elevation_deg), elevation)
     return spherical_cameras(elevation, azimuth, radius, fov, shift)
 
 

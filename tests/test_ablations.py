@@ -63,8 +63,10 @@ def test_ama_raises_the_attention_mask_alignment(tmp_path):
     +0.265. Until 2026-11-27 this test took one seed; once the antialiaser's silhouette gradient
     was fixed, that seed's difference changed sign."""
     model = str(make_tiny_sd(tmp_path / "sd", "sd2"))
+    # The paper's elevations, which the numbers above were measured with: with the toy preset's
+    # overhead views the random tiny UNet collapses the mesh of seed 0 (with AMA) by step 19.
     common = ["geometry.iters=30", "appearance.iters=0", "ama.diagnose_every=1", "ama.visualize_every=0",
-              "geometry.latent_phase_iters=0"]
+              "geometry.latent_phase_iters=0", "camera.overhead_fraction=0"]
     differences = []
     for seed in range(6):
         ious = {}

@@ -38,8 +38,10 @@ from xdreamer.toy.world import (
 OBJECT_SHAPES = SHAPES + FRONT_SHAPES  # what ToyDataset.shape indexes
 
 ROUGHNESS_RANGE = (0.3, 0.9)
-# The stages' cameras stop at 45 degrees of elevation; a few higher views teach "overhead view".
-OVERHEAD_SAMPLING = CameraSampling(elevation_deg=(60.0, 80.0))
+# The paper's cameras stop at 45 degrees of elevation; a few higher views teach "overhead view",
+# from the elevations the stages' overhead views take (`camera.overhead_fraction`; the toy preset
+# matches OVERHEAD_EVERY with 1/8).
+OVERHEAD_SAMPLING = CameraSampling(elevation_deg=CameraSampling.overhead_elevation_deg)
 OVERHEAD_EVERY = 8  # one placement in eight of every object is seen from above
 
 

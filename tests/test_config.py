@@ -55,6 +55,25 @@ def test_the_overhead_views_are_checked():
         load_config(prompt="x", overrides=["camera.overhead_elevation_deg=[80,60]"])
 
 
+
+@pytest.mark.parametrize(
+    "key, closed",
+    [("camera.overhead_fraction", True), ("camera.jitter", False), ("cg_lora.dropout", False),
+     ("geometry.collapse_fraction", False), ("geometry.min_piece_fraction", False)],
+)
+def test_shares_are_checked_to_lie_in_the_unit_interval(key, closed):
+    """Each share takes 0 and 0.5; 1 only where the interval is closed; never 1.5 or -0.1."""
+    for value in (0.0, 0.5) + ((1.0,) if closed else ()):
+        assert OmegaConf.select(load_config(prompt="x", overrides=[f"{key}={value}"]), key) == value
+    bad = (1.5, -0.1) if closed else (1.0, 1.5, -0.1)
+    for value in bad:
+        with pytest.raises(ConfigError, match=key.replace(".", "\\.")):
+            load_config(prompt="x", overrides=[f"{key}={value}"])
+    message = f"{key} must be in [0, 1{']' if closed else ')'}, got 1.5"
+    with pytest.raises(ConfigError) as error:
+        load_config(prompt="x", overrides=[f"{key}=1.5"])
+    assert str(error.value) == message
+
 def test_empty_prompt_and_unknown_preset():
     with pytest.raises(ConfigError, match="prompt is empty"):
         load_config(prompt="   ")

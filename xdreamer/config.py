@@ -410,6 +410,16 @@ _NON_NEGATIVE = ["ama.weight", "geometry.guidance_scale", "appearance.guidance_s
                  "geometry.carve_weight", "geometry.carve_guidance_scale", "geometry.carve_threshold",
                  "geometry.silhouette_weight", "geometry.silhouette_weight_early"]
 
+# (key, closed): shares that must lie in [0, 1], or in [0, 1) where closed is False (a dropout of 1
+# would drop every update, a jitter of 1 shift the principal point onto the image's edge).
+_FRACTIONS = [
+    ("camera.overhead_fraction", True),
+    ("camera.jitter", False),
+    ("cg_lora.dropout", False),
+    ("geometry.collapse_fraction", False),
+    ("geometry.min_piece_fraction", False),
+]
+
 
 def _floats(node, prefix: str = ""):
     """(dotted key, value) of every float in the config, lists included."""
@@ -463,6 +473,10 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key, closed in _FRACTIONS:
+        value = OmegaConf.select(cfg, key)
+        if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+            raise ConfigError(f"{key} must be in [0, 1{']' if closed else ')'}, got {value}")
     lo, hi = _range(cfg, "appearance.kd_range", 0.0, 1.0)
     if not lo < hi:
         raise ConfigError(f"appearance.kd_range must satisfy min < max, got [{lo:g}, {hi:g}]")
@@ -480,13 +494,9 @@ def check_config(cfg: DictConfig) -> None:
     _range(cfg, "camera.fov_deg", 1.0, 170.0)
     _range(cfg, "camera.elevation_deg", -90.0, 90.0)
     _range(cfg, "camera.overhead_elevation_deg", -90.0, 90.0)
-    if not 0.0 <= cfg.camera.overhead_fraction <= 1.0:
-        raise ConfigError(f"camera.overhead_fraction must be in [0, 1], got {cfg.camera.overhead_fraction}")
     lo, hi = _range(cfg, "camera.azimuth_deg", -360.0, 360.0)
     if hi - lo > 360.0:
         raise ConfigError(f"camera.azimuth_deg spans more than 360 degrees: [{lo:g}, {hi:g}]")
-    if not 0.0 <= cfg.camera.jitter < 1.0:
-        raise ConfigError(f"camera.jitter must be in [0, 1), got {cfg.camera.jitter}")
     radii = list(cfg.init.radii)
     if len(radii) != 3 or min(radii) <= 0 or max(radii) >= cfg.geometry.grid_scale / 2:
         raise ConfigError(
@@ -496,8 +506,6 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"appearance.background must be three numbers (RGB), got {list(cfg.appearance.background)}")
     if not 0.0 < cfg.appearance.max_normal_tilt_deg <= 90.0:
         raise ConfigError(f"appearance.max_normal_tilt_deg must be in (0, 90], got {cfg.appearance.max_normal_tilt_deg}")
-    if not 0.0 <= cfg.cg_lora.dropout < 1.0:
-        raise ConfigError(f"cg_lora.dropout must be in [0, 1), got {cfg.cg_lora.dropout}")
     if not cfg.cg_lora.projections or not set(cfg.cg_lora.projections) <= {"to_q", "to_k", "to_v", "to_out"}:
         raise ConfigError(f"cg_lora.projections must be some of to_q, to_k, to_v, to_out, got {list(cfg.cg_lora.projections)}")
     if cfg.cg_lora.rank % 2:
@@ -518,10 +526,6 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"geometry.bound_radius must be at least 1 with an initial mesh (it is scaled to radius 1), got {bound:g}")
     if cfg.geometry.max_offset is not None and not cfg.geometry.max_offset > 0:
         raise ConfigError(f"geometry.max_offset must be positive (or empty for the authors' bound), got {cfg.geometry.max_offset}")
-    if not 0.0 <= cfg.geometry.collapse_fraction < 1.0:
-        raise ConfigError(f"geometry.collapse_fraction must be in [0, 1), got {cfg.geometry.collapse_fraction}")
-    if not 0.0 <= cfg.geometry.min_piece_fraction < 1.0:
-        raise ConfigError(f"geometry.min_piece_fraction must be in [0, 1), got {cfg.geometry.min_piece_fraction}")
     if not cfg.export.formats:
         raise ConfigError("export.formats is empty: give at least one of glb, obj")
     for fmt in cfg.export.formats:

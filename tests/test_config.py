@@ -55,7 +55,6 @@ def test_the_overhead_views_are_checked():
         load_config(prompt="x", overrides=["camera.overhead_elevation_deg=[80,60]"])
 
 
-
 @pytest.mark.parametrize(
     "key, closed",
     [("camera.overhead_fraction", True), ("camera.jitter", False), ("cg_lora.dropout", False),
@@ -73,6 +72,7 @@ def test_shares_are_checked_to_lie_in_the_unit_interval(key, closed):
     with pytest.raises(ConfigError) as error:
         load_config(prompt="x", overrides=[f"{key}=1.5"])
     assert str(error.value) == message
+
 
 def test_empty_prompt_and_unknown_preset():
     with pytest.raises(ConfigError, match="prompt is empty"):

@@ -57,8 +57,9 @@ STRUCTURAL_KEYS = (
 def camera_sampling(cfg: DictConfig) -> CameraSampling:
     c = cfg.camera
     return CameraSampling(
-        tuple(c.radius), tuple(c.fov_deg), tuple(c.elevation_deg), tuple(c.azimuth_deg), c.jitter,
-        c.overhead_fraction, tuple(c.overhead_elevation_deg),
+        radius=tuple(c.radius), fov_deg=tuple(c.fov_deg), elevation_deg=tuple(c.elevation_deg),
+        azimuth_deg=tuple(c.azimuth_deg), jitter=c.jitter,
+        overhead_fraction=c.overhead_fraction, overhead_elevation_deg=tuple(c.overhead_elevation_deg),
     )
 
 

@@ -53,6 +53,17 @@ def test_the_overhead_views_are_checked():
         load_config(prompt="x", overrides=["camera.overhead_fraction=1.5"])
     with pytest.raises(ConfigError, match="camera.overhead_elevation_deg"):
         load_config(prompt="x", overrides=["camera.overhead_elevation_deg=[80,60]"])
+    # overhead views drawn below the elevation that labels a view overhead would be prompted by azimuth
+    lower = ["camera.overhead_fraction=0.125", "camera.overhead_elevation_deg=[50,70]"]
+    with pytest.raises(ConfigError) as error:
+        load_config(prompt="x", overrides=lower)
+    assert str(error.value) == (
+        "camera.overhead_elevation_deg starts at 50, below camera.overhead_elevation (60), above which views are "
+        "prompted as overhead: lower that too"
+    )
+    assert load_config(prompt="x", overrides=lower + ["camera.overhead_elevation=50"]).camera.overhead_elevation == 50
+    assert load_config(prompt="x", overrides=lower + ["direction_prompts=false"]).camera.overhead_fraction == 0.125
+    assert load_config(prompt="x", overrides=["camera.overhead_elevation_deg=[50,70]"]).camera.overhead_fraction == 0
 
 
 @pytest.mark.parametrize(

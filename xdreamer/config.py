@@ -33,7 +33,7 @@ class CameraConfig:
     overhead_elevation_deg: list[float] = field(default_factory=lambda: [60.0, 80.0])
     azimuth_deg: list[float] = field(default_factory=lambda: [-180.0, 180.0])
     jitter: float = 0.05  # principal-point shift, NDC
-    overhead_elevation: float = 60.0  # above this a view is labelled "overhead"
+    overhead_elevation: float = 60.0  # above this a view is labelled "overhead" (at most overhead_elevation_deg[0])
 
 
 @dataclass
@@ -493,7 +493,13 @@ def check_config(cfg: DictConfig) -> None:
         )
     _range(cfg, "camera.fov_deg", 1.0, 170.0)
     _range(cfg, "camera.elevation_deg", -90.0, 90.0)
-    _range(cfg, "camera.overhead_elevation_deg", -90.0, 90.0)
+    overhead_lo, _ = _range(cfg, "camera.overhead_elevation_deg", -90.0, 90.0)
+    if cfg.camera.overhead_fraction > 0 and cfg.direction_prompts and overhead_lo < cfg.camera.overhead_elevation:
+        # the views drawn as overhead views would otherwise be prompted as front/side/back views
+        raise ConfigError(
+            f"camera.overhead_elevation_deg starts at {overhead_lo:g}, below camera.overhead_elevation "
+            f"({cfg.camera.overhead_elevation:g}), above which views are prompted as overhead: lower that too"
+        )
     lo, hi = _range(cfg, "camera.azimuth_deg", -360.0, 360.0)
     if hi - lo > 360.0:
         raise ConfigError(f"camera.azimuth_deg spans more than 360 degrees: [{lo:g}, {hi:g}]")

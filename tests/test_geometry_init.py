@@ -10,6 +10,7 @@ import trimesh
 from xdreamer.geometry.dmtet import DMTetGeometry
 from xdreamer.geometry.init import (
     MeshSDF,
+    ellipsoid_reach,
     ellipsoid_sdf,
     fit_geometry_to_sdf,
     normalize_mesh,
@@ -55,6 +56,50 @@ def test_ellipsoid_sdf_is_exact_on_axes_and_zero_on_its_surface():
     assert torch.allclose(points.grad.norm(dim=-1), torch.ones(1000), atol=0.1)
     with pytest.raises(ValueError, match="radii"):
         ellipsoid_sdf([0.5, -1.0, 0.5])
+
+
+def test_an_ellipsoid_cut_flat_is_centred_and_zero_on_its_base_and_side():
+    """A unit sphere cut 0.5 below its centre: the solid spans y in [-0.75, 0.75] once centred,
+    its base is the disc of radius sqrt(0.75) at y = -0.75, its area the zone's 2 pi R h plus the
+    disc's, and it reaches sqrt(0.75 + 0.75^2) from the centre at the base's rim."""
+    sdf = ellipsoid_sdf([1.0, 1.0, 1.0], flat_base=0.5)
+    points = torch.tensor([[0.0, -0.75, 0.0], [0.0, 0.75, 0.0], [0.0, -0.8, 0.0], [0.0, 0.0, 0.0], [0.5, -0.75, 0.0]])
+    assert torch.allclose(sdf(points), torch.tensor([0.0, 0.0, 0.05, -0.75, 0.0]), atol=1e-6)
+    surface = sdf.sample_surface(4000, torch.Generator().manual_seed(0))
+    assert sdf(surface).abs().max().item() < 1e-5
+    assert surface[:, 1].min().item() == pytest.approx(-0.75) and surface[:, 1].max().item() <= 0.75
+    on_base = surface[:, 1] < -0.75 + 1e-6
+    # the base gets the samples of the dropped cap (a quarter of the sphere's area), all inside its disc
+    assert on_base.float().mean().item() == pytest.approx(0.25, abs=0.03)
+    assert surface[on_base][:, [0, 2]].norm(dim=-1).max().item() <= math.sqrt(0.75) + 1e-6
+    assert sdf.area == pytest.approx(2 * math.pi * 1.5 + math.pi * 0.75, rel=1e-4)
+    assert ellipsoid_reach([1.0, 1.0, 1.0], 0.5) == pytest.approx(math.sqrt(0.75 + 0.75**2), rel=1e-4)
+    assert ellipsoid_reach([0.56, 0.76, 0.56]) == 0.76
+    # uncut, nothing moves
+    assert torch.equal(ellipsoid_sdf([0.56, 0.76, 0.56], None)(points), ellipsoid_sdf([0.56, 0.76, 0.56])(points))
+    with pytest.raises(ValueError, match="flat base"):
+        ellipsoid_sdf([1.0, 1.0, 1.0], flat_base=1.0)
+
+
+def test_fit_to_an_ellipsoid_cut_flat_has_a_flat_bottom():
+    """`init.flat_base`: the fitted mesh's lowest slice is nearly as wide as the
+    base's ellipse (the whole ellipsoid's tapers to a point)."""
+    torch.manual_seed(0)
+    bottoms = {}
+    for flat_base in (None, 0.5):
+        geometry = DMTetGeometry(grid_resolution=32, grid_scale=2.1, encoding="frequency")
+        target = ellipsoid_sdf([0.56, 0.76, 0.56], flat_base)
+        fit_geometry_to_sdf(geometry, target, target.sample_surface, torch.Generator().manual_seed(0), **FIT)
+        with torch.no_grad():
+            assert volumetric_iou(geometry.sdf_at, target, bounds=1.05, resolution=48) >= 0.95
+            lowest = geometry().vertices[:, 1].min().item()
+            # the solid's share of a 1.12-wide square, 0.05 above its lowest point
+            grid = torch.linspace(-0.56, 0.56, 41)
+            x, z = torch.meshgrid(grid, grid, indexing="ij")
+            slice_ = torch.stack([x.flatten(), torch.full((41 * 41,), lowest + 0.05), z.flatten()], -1)
+            bottoms[flat_base] = (geometry.sdf_at(slice_) < 0).float().mean().item()
+    # there the cut ellipsoid is 0.45 wide in radius (51 % of the square), the whole one 0.20 (10 %)
+    assert bottoms[0.5] > 0.35 and bottoms[None] < 0.15
 
 
 def test_volumetric_iou_of_concentric_spheres():

@@ -40,6 +40,12 @@ class CameraConfig:
 class InitConfig:
     shape: str = "ellipsoid"  # "ellipsoid" or a mesh file path
     radii: list[float] = field(default_factory=lambda: [0.56, 0.76, 0.56])
+    # Cut the ellipsoid flat this far below its centre (world units, less than radii[1]) and centre
+    # what is left; empty: the whole ellipsoid (the paper's). Like radii, unused with a mesh.
+    # Views stop 10 degrees below the horizon, so little reshapes the underside it starts with: on
+    # the toy world 0.5 gives cones and pyramids their base and spheres a flat bottom
+    # (docs/benchmarks.md, "A flat base under the initial ellipsoid").
+    flat_base: float | None = None
     steps: int = 400
     lr: float = 1e-3
 
@@ -508,6 +514,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"init.radii must be three numbers in (0, {cfg.geometry.grid_scale / 2:g}) (inside the grid), got {radii}"
         )
+    if cfg.init.flat_base is not None and not 0 < cfg.init.flat_base < radii[1]:
+        raise ConfigError(f"init.flat_base must be in (0, {radii[1]:g}) (init.radii[1]), or empty, got {cfg.init.flat_base}")
     if len(cfg.appearance.background) != 3:
         raise ConfigError(f"appearance.background must be three numbers (RGB), got {list(cfg.appearance.background)}")
     if not 0.0 < cfg.appearance.max_normal_tilt_deg <= 90.0:
@@ -526,8 +534,17 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"geometry.bound_radius must be in (0, {cfg.geometry.grid_scale / 2:g}) (inside the grid), or empty, got {bound}"
             )
-        if cfg.init.shape == "ellipsoid" and max(cfg.init.radii) >= bound:
-            raise ConfigError(f"init.radii must be less than geometry.bound_radius ({bound:g}), got {list(cfg.init.radii)}")
+        if cfg.init.shape == "ellipsoid":
+            from xdreamer.geometry.init import ellipsoid_reach
+
+            reach = ellipsoid_reach(list(cfg.init.radii), cfg.init.flat_base)
+            if reach >= bound and cfg.init.flat_base is None:
+                raise ConfigError(f"init.radii must be less than geometry.bound_radius ({bound:g}), got {list(cfg.init.radii)}")
+            if reach >= bound:
+                raise ConfigError(
+                    f"the initial ellipsoid cut at init.flat_base {cfg.init.flat_base:g} reaches {reach:.3g} from the "
+                    f"centre, beyond geometry.bound_radius ({bound:g})"
+                )
         if cfg.init.shape != "ellipsoid" and bound < 1.0:
             raise ConfigError(f"geometry.bound_radius must be at least 1 with an initial mesh (it is scaled to radius 1), got {bound:g}")
     if cfg.geometry.max_offset is not None and not cfg.geometry.max_offset > 0:

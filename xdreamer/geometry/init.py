@@ -16,44 +16,97 @@ SDF = Callable[[torch.Tensor], torch.Tensor]
 
 
 class EllipsoidSDF:
-    """Approximate signed distance to an axis-aligned ellipsoid centred at the origin.
+    """Approximate signed distance to an axis-aligned ellipsoid centred at the origin, optionally
+    cut flat underneath.
 
     Uses k0 (k0 - 1) / k1 with k0 = |p / r|, k1 = |p / r^2| (Quilez): exact zero set and sign,
-    exact distance on the axes, and close to the true distance near the surface."""
+    exact distance on the axes, and close to the true distance near the surface.
 
-    def __init__(self, radii: Sequence[float]) -> None:
+    `flat_base`: the ellipsoid is cut by the horizontal plane this far below its centre (world
+    units, in (0, radii[1])) and the solid left above it is moved down to centre its bounding box
+    on the origin; its SDF is then the larger of the two (exact sign, a bound on the distance
+    near the base's rim). None: the whole ellipsoid."""
+
+    def __init__(self, radii: Sequence[float], flat_base: float | None = None) -> None:
         radii = [float(r) for r in radii]
         if len(radii) != 3 or min(radii) <= 0:
             raise ValueError(f"ellipsoid needs 3 positive radii, got {radii}")
+        if flat_base is not None and not 0 < flat_base < radii[1]:
+            raise ValueError(f"a flat base must lie between the centre and the bottom (0, {radii[1]:g}), got {flat_base}")
         self.radii = torch.tensor(radii)
+        self.flat_base = None if flat_base is None else float(flat_base)
+        # (3,): where the ellipsoid's centre sits, so the cut solid's bounding box is centred
+        lift = 0.0 if flat_base is None else (radii[1] - flat_base) / 2
+        self.centre = torch.tensor([0.0, -lift, 0.0])
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         """points: (M, 3) -> (M,) signed distance, negative inside."""
         r = self.radii.to(points)
-        k0 = (points / r).norm(dim=-1)
-        k1 = (points / (r * r)).norm(dim=-1)
+        p = points - self.centre.to(points)
+        k0 = (p / r).norm(dim=-1)
+        k1 = (p / (r * r)).norm(dim=-1)
         # at the centre the formula is 0/0; the scaled-sphere distance is finite there
         near_centre = k1 < 1e-9
-        return torch.where(near_centre, (k0 - 1) * r.min(), k0 * (k0 - 1) / k1.clamp_min(1e-9))
+        sdf = torch.where(near_centre, (k0 - 1) * r.min(), k0 * (k0 - 1) / k1.clamp_min(1e-9))
+        if self.flat_base is None:
+            return sdf
+        return torch.maximum(sdf, -self.flat_base - p[:, 1])
 
     @property
     def area(self) -> float:
-        """Surface area (Knud Thomsen's formula, within 1.1 %)."""
+        """Surface area: the whole ellipsoid by Knud Thomsen's formula (within 1.1 %); cut flat,
+        the part above the base by the midpoint rule over latitude and longitude (within 0.01 %
+        at 512 x 512) plus the base's ellipse."""
         a, b, c = self.radii.tolist()
-        p = 1.6075
-        return 4 * math.pi * (((a * b) ** p + (a * c) ** p + (b * c) ** p) / 3) ** (1 / p)
+        if self.flat_base is None:
+            p = 1.6075
+            return 4 * math.pi * (((a * b) ** p + (a * c) ** p + (b * c) ** p) / 3) ** (1 / p)
+        n = 512
+        lowest = math.asin(-self.flat_base / b)
+        lat = lowest + (torch.arange(n, dtype=torch.float64) + 0.5) * (math.pi / 2 - lowest) / n
+        lon = (torch.arange(n, dtype=torch.float64) + 0.5) * 2 * math.pi / n
+        lat, lon = lat[:, None], lon[None, :]
+        # |dr/dlat x dr/dlon| for r = (a cos lat cos lon, b sin lat, c cos lat sin lon)
+        element = torch.cos(lat) * torch.sqrt(
+            b**2 * torch.cos(lat) ** 2 * (c**2 * torch.cos(lon) ** 2 + a**2 * torch.sin(lon) ** 2)
+            + a**2 * c**2 * torch.sin(lat) ** 2
+        )
+        side = float(element.sum()) * (math.pi / 2 - lowest) / n * 2 * math.pi / n
+        shrink = 1 - (self.flat_base / b) ** 2
+        return side + math.pi * a * c * shrink
 
     def sample_surface(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n, 3) points on the ellipsoid: unit-sphere directions scaled by the radii."""
+        """(n, 3) points on the surface: unit-sphere directions scaled by the radii; cut flat,
+        the points below the base are dropped onto it vertically (they land inside its ellipse,
+        so the base is covered)."""
         directions = torch.randn(n, 3, generator=generator)
         directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return directions * self.radii
+        points = directions * self.radii
+        if self.flat_base is not None:
+            points[:, 1] = points[:, 1].clamp_min(-self.flat_base)
+        return points + self.centre
 
 
-def ellipsoid_sdf(radii: Sequence[float]) -> EllipsoidSDF:
-    """The ellipsoid initial shape, e.g. radii [0.56, 0.76, 0.56]: callable (M, 3) -> (M,) with
-    a `sample_surface(n, generator)` method."""
-    return EllipsoidSDF(radii)
+def ellipsoid_reach(radii: Sequence[float], flat_base: float | None = None) -> float:
+    """How far from the origin the initial ellipsoid (cut flat `flat_base` below its centre and
+    re-centred, as `EllipsoidSDF` places it) reaches: the largest radius on a 0.5-degree grid of its
+    side, which the base's rim bounds too."""
+    a, b, c = (float(r) for r in radii)
+    if flat_base is None:
+        return max(a, b, c)
+    lowest = math.asin(-flat_base / b)
+    lat = np.linspace(lowest, math.pi / 2, 181)[:, None]
+    lon = np.linspace(0.0, 2 * math.pi, 721)[None, :]
+    lift = (b - flat_base) / 2
+    x, y, z = a * np.cos(lat) * np.cos(lon), b * np.sin(lat) - lift, c * np.cos(lat) * np.sin(lon)
+    return float(np.sqrt(x**2 + y**2 + z**2).max())
+
+
+def ellipsoid_sdf(radii: Sequence[float], flat_base: float | None = None) -> EllipsoidSDF:
+    """The ellipsoid initial shape, e.g. radii [0.56, 0.76, 0.56], optionally cut flat
+    `flat_base` below its centre: callable (M, 3) -> (M,) with a `sample_surface(n, generator)`
+    method and an `area`."""
+    return EllipsoidSDF(radii, flat_base)
 
 
 def normalize_mesh(mesh: Mesh) -> Mesh:

@@ -127,7 +127,9 @@ class GeometryStage(_Stage):
     def initial_shape(self) -> EllipsoidSDF | MeshSDF:
         """The SDF the geometry starts from (`init.shape`), read once."""
         i = self.cfg.init
-        return ellipsoid_sdf(list(i.radii), i.flat_base) if i.shape == "ellipsoid" else MeshSDF(normalize_mesh(load_mesh(i.shape)))
+        if i.shape == "ellipsoid":
+            return ellipsoid_sdf(list(i.radii), i.flat_base)
+        return MeshSDF(normalize_mesh(load_mesh(i.shape)))
 
     @functools.cached_property
     def collapse_area(self) -> float:

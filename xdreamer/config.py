@@ -538,9 +538,9 @@ def check_config(cfg: DictConfig) -> None:
             from xdreamer.geometry.init import ellipsoid_reach
 
             reach = ellipsoid_reach(list(cfg.init.radii), cfg.init.flat_base)
-            if reach >= bound and cfg.init.flat_base is None:
-                raise ConfigError(f"init.radii must be less than geometry.bound_radius ({bound:g}), got {list(cfg.init.radii)}")
             if reach >= bound:
+                if cfg.init.flat_base is None:
+                    raise ConfigError(f"init.radii must be less than geometry.bound_radius ({bound:g}), got {list(cfg.init.radii)}")
                 raise ConfigError(
                     f"the initial ellipsoid cut at init.flat_base {cfg.init.flat_base:g} reaches {reach:.3g} from the "
                     f"centre, beyond geometry.bound_radius ({bound:g})"

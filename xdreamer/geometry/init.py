@@ -15,6 +15,12 @@ from xdreamer.mesh import Mesh, MeshError
 SDF = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _cut_ellipsoid(b: float, flat_base: float) -> tuple[float, float]:
+    """An ellipsoid of vertical radius b cut flat `flat_base` below its centre: the latitude of
+    the cut (radians, negative) and how far the centre moves down to centre the solid left."""
+    return math.asin(-flat_base / b), (b - flat_base) / 2
+
+
 class EllipsoidSDF:
     """Approximate signed distance to an axis-aligned ellipsoid centred at the origin, optionally
     cut flat underneath.
@@ -36,7 +42,7 @@ class EllipsoidSDF:
         self.radii = torch.tensor(radii)
         self.flat_base = None if flat_base is None else float(flat_base)
         # (3,): where the ellipsoid's centre sits, so the cut solid's bounding box is centred
-        lift = 0.0 if flat_base is None else (radii[1] - flat_base) / 2
+        lift = 0.0 if flat_base is None else _cut_ellipsoid(radii[1], flat_base)[1]
         self.centre = torch.tensor([0.0, -lift, 0.0])
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
@@ -62,7 +68,7 @@ class EllipsoidSDF:
             p = 1.6075
             return 4 * math.pi * (((a * b) ** p + (a * c) ** p + (b * c) ** p) / 3) ** (1 / p)
         n = 512
-        lowest = math.asin(-self.flat_base / b)
+        lowest, _ = _cut_ellipsoid(b, self.flat_base)
         lat = lowest + (torch.arange(n, dtype=torch.float64) + 0.5) * (math.pi / 2 - lowest) / n
         lon = (torch.arange(n, dtype=torch.float64) + 0.5) * 2 * math.pi / n
         lat, lon = lat[:, None], lon[None, :]
@@ -94,10 +100,9 @@ def ellipsoid_reach(radii: Sequence[float], flat_base: float | None = None) -> f
     a, b, c = (float(r) for r in radii)
     if flat_base is None:
         return max(a, b, c)
-    lowest = math.asin(-flat_base / b)
+    lowest, lift = _cut_ellipsoid(b, flat_base)
     lat = np.linspace(lowest, math.pi / 2, 181)[:, None]
     lon = np.linspace(0.0, 2 * math.pi, 721)[None, :]
-    lift = (b - flat_base) / 2
     x, y, z = a * np.cos(lat) * np.cos(lon), b * np.sin(lat) - lift, c * np.cos(lat) * np.sin(lon)
     return float(np.sqrt(x**2 + y**2 + z**2).max())
 

@@ -264,6 +264,7 @@ def test_emoji_prompts_get_distinct_folders():
         (["--texture-size", "0"], "--texture-size must be in [16, 8192]"),
         (["--format", ""], "--format is empty"),
         (["--format", "fbx"], "export format 'fbx'"),
+        (["--max-faces", "-1"], "--max-faces must be 0 (no simplification) or more, got -1"),
     ],
 )
 def test_export_bad_options(capsys, tmp_path, argv, fragment):

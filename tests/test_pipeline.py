@@ -59,6 +59,9 @@ def check_run_dir(run: Path) -> dict:
     assert {"init", "geometry", "appearance", "export"} <= set(report["timings_s"])
     assert report["skipped_nan_steps"] == 0
     assert report["mesh"]["pieces"] >= 1 and "pieces_removed" in report["mesh"]
+    # The tiny runs' meshes are far below export.max_faces: exported as they are.
+    faces = trimesh.load(run / "geometry" / "mesh.ply", process=False).faces.shape[0]
+    assert report["export"] == {"faces": faces, "exported_faces": faces, "skipped": None, "simplified": False}
     assert set(report["outputs"]) == {"glb", "obj", "turntable"}
     progress = json.loads((run / "progress.json").read_text())
     assert progress["status"] == "done" and progress["stage"] == "done"
@@ -98,6 +101,16 @@ def test_generate_toy_end_to_end(tmp_path):
     scene = trimesh.load(run / "export" / "model.glb")
     texture = list(scene.geometry.values())[0].visual.material.baseColorTexture
     assert np.asarray(texture).shape[:2] == (32, 32) and (run / "export" / "model.glb").read_bytes() != before
+    # Re-exported lighter: the GLB has at most the faces asked for, the full mesh stays in geometry/.
+    full = trimesh.load(run / "geometry" / "mesh.ply", process=False).faces.shape[0]
+    result = cli("export", str(run), "--format", "glb", "--texture-size", "32", "--max-faces", str(full // 2))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"of {full:,} faces exported" in result.stdout
+    glb = list(trimesh.load(run / "export" / "model.glb").geometry.values())[0]
+    export = json.loads((run / "report.json").read_text())["export"]
+    assert export == {"faces": full, "exported_faces": export["exported_faces"], "skipped": None, "simplified": True}
+    assert full // 3 < export["exported_faces"] <= full // 2 and glb.faces.shape[0] == export["exported_faces"]
+    assert trimesh.load(run / "geometry" / "mesh.ply", process=False).faces.shape[0] == full
     views = tmp_path / "views"
     result = cli("render", str(run), "--out", str(views), "--views", "2", "--resolution", "32")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--format", default="glb,obj", help="comma-separated: glb, obj")
     p.add_argument("--texture-size", type=int, default=None)
+    p.add_argument("--max-faces", type=int, default=None, help="simplify the exported mesh to at most this many faces (0: not at all)")
     _add_render(sub)
     # The app and batch front ends declare their own options (their modules import nothing heavy
     # at the top; gradio and ray are imported when the command runs).
@@ -114,7 +115,7 @@ def _run(args) -> int:
         from xdreamer import pipeline
 
         formats = [f.strip() for f in args.format.split(",") if f.strip()]
-        return pipeline.export_run(Path(args.run_dir), formats, args.texture_size)
+        return pipeline.export_run(Path(args.run_dir), formats, args.texture_size, args.max_faces)
     if args.command == "render":
         from xdreamer import pipeline
 

@@ -204,6 +204,9 @@ class GuidanceConfig:
 class ExportConfig:
     formats: list[str] = field(default_factory=lambda: ["glb", "obj"])
     texture_size: int = 2048
+    # The exported mesh is simplified (QSlim) to at most this many faces, its normal map baked from
+    # the full mesh; 0: export marching tetrahedra's mesh as it is (343 k faces on a grid of 128).
+    max_faces: int = 100000
     turntable_frames: int = 72
     turntable_resolution: int = 512
     fps: int = 24
@@ -405,7 +408,7 @@ _INT_BOUNDS = [
     ("geometry.carve_confirm", 1, 10**6),
     ("appearance.frequency_count", 1, 16),
 ]
-_NON_NEGATIVE_INTS = ["geometry.iters", "appearance.iters", "init.steps", "geometry.latent_phase_iters",
+_NON_NEGATIVE_INTS = ["export.max_faces", "geometry.iters", "appearance.iters", "init.steps", "geometry.latent_phase_iters",
                       "appearance.t_switch", "geometry.silhouette_switch", "validate_every", "ama.start_geometry",
                       "ama.start_appearance", "ama.visualize_every", "ama.diagnose_every"]
 _POSITIVE = ["init.lr", "geometry.lr", "appearance.lr", "cg_lora.lr", "geometry.grid_scale",

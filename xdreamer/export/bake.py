@@ -66,6 +66,30 @@ def fill_gutters(texture: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
     return texture[rows, cols]
 
 
+def closest_surface(detail: Mesh, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The point of `detail`'s surface nearest each of `points` (N, 3), and the smooth (welded,
+    interpolated vertex) normal there: (N, 3), (N, 3) unit, on points.device."""
+    import igl
+
+    vertices = detail.vertices.detach().cpu().double()
+    faces = detail.faces.detach().cpu()
+    _, face, nearest = igl.point_mesh_squared_distance(
+        points.detach().cpu().double().numpy(), vertices.numpy(), faces.numpy().astype(np.int64)
+    )
+    nearest = torch.as_tensor(nearest)
+    corners = vertices[faces[torch.as_tensor(face)]]  # (N, 3, 3)
+    # Barycentric coordinates of the nearest point in its triangle (it lies on the triangle).
+    e1, e2, d = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], nearest - corners[:, 0]
+    d11, d12, d22 = (e1 * e1).sum(-1), (e1 * e2).sum(-1), (e2 * e2).sum(-1)
+    d1, d2 = (d * e1).sum(-1), (d * e2).sum(-1)
+    denominator = (d11 * d22 - d12 * d12).clamp_min(1e-30)
+    w1, w2 = (d22 * d1 - d12 * d2) / denominator, (d11 * d2 - d12 * d1) / denominator
+    weights = torch.stack([1 - w1 - w2, w1, w2], -1)[..., None]  # (N, 3, 1)
+    vertex_normals = welded_vertex_normals(detail).detach().cpu().double()
+    normal = F.normalize((vertex_normals[faces[torch.as_tensor(face)]] * weights).sum(1), dim=-1)
+    return nearest.to(points), normal.to(points)
+
+
 @torch.no_grad()
 def bake_textures(
     mesh: Mesh,
@@ -73,11 +97,15 @@ def bake_textures(
     size: int = 2048,
     chunk: int = 1 << 18,
     backend: str | Rasterizer = "auto",
+    detail: Mesh | None = None,
 ) -> dict[str, torch.Tensor]:
     """Evaluate `material_fn` (render_pbr's contract) on every texel of the UV atlas of `mesh`
     (which needs uvs: see `unwrap`), `chunk` points at a time. The network's normal
     perturbation, defined in `fallback_tangents`' frame, is re-expressed in the UV tangent frame.
-    Returns the maps listed in the module docstring, on mesh.device."""
+    With `detail` (the full mesh `mesh` was simplified from), every texel reads the material and
+    the smooth normal at the nearest point of `detail`'s surface, so the normal map carries the
+    full mesh's shading onto the simplified one. Returns the maps listed in the module docstring,
+    on mesh.device."""
     if mesh.uvs is None:
         raise BakeError("bake_textures needs a mesh with uvs; call unwrap(mesh) first")
     if size < 8:
@@ -98,11 +126,12 @@ def bake_textures(
     handedness = torch.where(texels[:, 9:10] < 0, -1.0, 1.0)
 
     values = {name: [] for name in CHANNELS}
+    surface, shading = (position, normal) if detail is None else closest_surface(detail, position)
     for start in range(0, position.shape[0], chunk):
         stop = start + chunk
-        material = material_fn(position[start:stop])
-        n = normal[start:stop]
-        world = perturb_normal(n, fallback_tangents(n), material["normal_perturbation"])
+        n, s = normal[start:stop], shading[start:stop]
+        material = material_fn(surface[start:stop])
+        world = perturb_normal(s, fallback_tangents(s), material["normal_perturbation"])
         material["normal"] = F.normalize(world_to_tangent(world, n, tangent[start:stop], handedness[start:stop]), dim=-1)
         for name in CHANNELS:
             values[name].append(material[name].float())

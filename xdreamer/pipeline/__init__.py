@@ -15,6 +15,7 @@ import xdreamer
 from xdreamer.atomic import write_text
 from xdreamer.config import ConfigError, load_config, to_yaml
 from xdreamer.distributed import init_data_parallel
+from xdreamer.export.simplify import describe_export
 from xdreamer.guidance.loader import GuidanceModel, load_guidance_model
 from xdreamer.mesh import load_mesh
 from xdreamer.pipeline.checks import DeviceError, check_inputs, check_memory, resolve_device
@@ -181,7 +182,7 @@ def resume(run_dir: Path) -> int:
     return _execute(run, lock)
 
 
-def export_run(run_dir: Path, formats: list[str], texture_size: int | None) -> int:
+def export_run(run_dir: Path, formats: list[str], texture_size: int | None, max_faces: int | None = None) -> int:
     """`xdreamer export`: re-export a finished run (the export folder is replaced as one unit)."""
     if not formats:
         raise ConfigError("--format is empty: give glb, obj or both (e.g. --format glb,obj)")
@@ -190,17 +191,22 @@ def export_run(run_dir: Path, formats: list[str], texture_size: int | None) -> i
             raise ConfigError(f"export format '{fmt}' is not one of: glb, obj")
     if texture_size is not None and not TEXTURE_SIZES[0] <= texture_size <= TEXTURE_SIZES[1]:
         raise ConfigError(f"--texture-size must be in [{TEXTURE_SIZES[0]}, {TEXTURE_SIZES[1]}], got {texture_size}")
+    if max_faces is not None and max_faces < 0:
+        raise ConfigError(f"--max-faces must be 0 (no simplification) or more, got {max_faces}")
     run, state, lock = _open_existing(run_dir)
     try:
         if state is None or run.state.stage not in ("export", "done"):
             raise RunError(f"{run_dir} has not finished its appearance stage yet; run xdreamer resume {run_dir} first")
-        written = run.export(formats, texture_size or run.cfg.export.texture_size)
+        written = run.export(
+            formats, texture_size or run.cfg.export.texture_size, run.cfg.export.max_faces if max_faces is None else max_faces
+        )
         run.report(run.state.stage if run.state.stage == "done" else "running")
     finally:
         close_logger(run.log)
         if lock is not None:
             lock.release()
-    print("xdreamer: exported " + ", ".join(f"{k}: {v}" for k, v in written.items()))
+    faces = describe_export(run.state.export)
+    print("xdreamer: exported " + (f"{faces} — " if faces else "") + ", ".join(f"{k}: {v}" for k, v in written.items()))
     return 0
 
 

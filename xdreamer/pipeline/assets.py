@@ -15,6 +15,7 @@ import torch
 from xdreamer.export.bake import bake_textures, unwrap
 from xdreamer.export.gltf import write_glb
 from xdreamer.export.obj import write_obj
+from xdreamer.export.simplify import SimplifyReport, simplify
 from xdreamer.export.video import write_video
 from xdreamer.mesh import Mesh, save_mesh
 from xdreamer.render.camera import orbit_cameras
@@ -34,17 +35,22 @@ def export_asset(
     rasterizer: Rasterizer,
     formats: list[str],
     texture_size: int,
+    max_faces: int,
     turntable_frames: int,
     turntable_resolution: int,
     fps: int,
     background: tuple[float, float, float],
     device: torch.device,
-) -> dict[str, str]:
+) -> tuple[dict[str, str], SimplifyReport]:
     """Write the asset of `mesh` with `material` into the run's export folder (replaced as one
-    unit), `geometry/mesh.ply` and `turntable.mp4`. Returns {kind: path} of what was written."""
-    unwrapped = unwrap(mesh, texture_size=texture_size)
+    unit), `geometry/mesh.ply` (the full mesh) and `turntable.mp4` (the exported one). The asset's
+    mesh is `mesh` simplified to at most `max_faces` faces (0: not simplified), its normal map
+    baked from the full mesh. Returns ({kind: path} of what was written, the simplification)."""
+    exported, simplification = simplify(mesh, max_faces)
+    unwrapped = unwrap(exported, texture_size=texture_size)
+    detail = mesh if simplification.simplified else None
     with torch.no_grad():
-        textures = bake_textures(unwrapped, material, size=texture_size, backend=rasterizer)
+        textures = bake_textures(unwrapped, material, size=texture_size, backend=rasterizer, detail=detail)
     tmp = paths.root / f"export.tmp{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -67,4 +73,4 @@ def export_asset(
             frames.extend((out["rgb"].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
     write_video(frames, paths.turntable, fps=fps)
     written["turntable"] = str(paths.turntable)
-    return written
+    return written, simplification

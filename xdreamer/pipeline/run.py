@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import xdreamer
 from xdreamer.distributed import DataParallel
+from xdreamer.export.simplify import describe_export
 from xdreamer.geometry.cleanup import describe_topology
 from xdreamer.guidance.loader import GuidanceModel
 from xdreamer.guidance.loss_scale import DynamicLossScaler
@@ -251,6 +252,7 @@ class Run:
             "losses": s.losses,
             "attention_alignment": s.alignment,
             "mesh": s.mesh,
+            "export": s.export,
             "skipped_nan_steps": s.nan_skips,
             "skipped_overflow_steps": s.overflow_skips,
             "loss_scale": self.scaler.scale_value,
@@ -456,27 +458,29 @@ class Run:
         if s.stage == "export":
             if not self.dp.is_main:
                 return 0
-            written = self.export(list(cfg.export.formats), cfg.export.texture_size)
+            written = self.export(list(cfg.export.formats), cfg.export.texture_size, cfg.export.max_faces)
             s.stage = "done"
             self.checkpoint()
             self.report("done")
             summary = ", ".join(f"{k}: {v}" for k, v in written.items())
             mesh = f" — mesh: {describe_topology(s.mesh)}" if s.mesh else ""
-            print(f"xdreamer: done in {sum(s.timings.values()):.0f} s{mesh} — {summary}")
+            faces = f" — {describe_export(s.export)}" if describe_export(s.export) else ""
+            print(f"xdreamer: done in {sum(s.timings.values()):.0f} s{mesh}{faces} — {summary}")
         return 0
 
-    def export(self, formats: list[str], texture_size: int) -> dict[str, str]:
-        """UV-unwrap, bake, write GLB/OBJ (the export folder replaced as one unit) and the turntable."""
+    def export(self, formats: list[str], texture_size: int, max_faces: int) -> dict[str, str]:
+        """Simplify, UV-unwrap, bake, write GLB/OBJ (the export folder replaced as one unit) and the turntable."""
         if self.appearance is None:
             self._build_appearance()
         start = time.perf_counter()
         e = self.cfg.export
-        written = export_asset(
+        written, simplification = export_asset(
             self.paths, self.mesh(), self.appearance.material, self.light(), self.rasterizer,
-            [f for f in formats if f in FORMATS], texture_size, e.turntable_frames, e.turntable_resolution, e.fps,
-            tuple(self.cfg.appearance.background), self.device,
+            [f for f in formats if f in FORMATS], texture_size, max_faces, e.turntable_frames, e.turntable_resolution,
+            e.fps, tuple(self.cfg.appearance.background), self.device,
         )
         self.state.timings["export"] = time.perf_counter() - start
+        self.state.export = simplification.to_dict()
         return written
 
     def _stopped(self, stop: StopSignal) -> int:

@@ -39,7 +39,8 @@ class RunState:
     restores: one record per return to the last good checkpoint ({stage, step, returned_to,
     redone, reason, lr}); losses: every 10th step's values per "stage/name"; alignment:
     "stage/side" -> [[step, IoU], ...], the attention-mask alignment diagnostic; mesh: what the
-    geometry stage's clean-up found and removed."""
+    geometry stage's clean-up found and removed; export: the exported mesh's simplification
+    (`SimplifyReport.to_dict`)."""
 
     stage: str = "init"
     step: int = 0
@@ -52,6 +53,7 @@ class RunState:
     latest_losses: dict[str, float] = field(default_factory=dict)
     alignment: dict[str, list[list[float]]] = field(default_factory=dict)
     mesh: dict = field(default_factory=dict)
+    export: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""Simplifying the exported mesh (QSlim, topology kept) and baking the full mesh's shading onto it."""
+"""Simplifying the exported mesh (quadric edge collapses, topology kept) and baking the full mesh's shading onto it."""
 
 import numpy as np
 import pytest
@@ -52,8 +52,10 @@ def test_simplify_keeps_the_shape_and_the_topology(fine, simplified):
     [piece] = mesh_pieces(mesh)
     assert piece.closed and piece.genus == 0 and not piece.cavity
     assert abs(float(mesh.volume() / fine.volume()) - 1) < 0.005
-    # Every vertex of the full mesh lies within 0.5 % of the radius of the simplified surface.
-    assert distance_to(mesh, fine.vertices).max() < 0.0035
+    # Every vertex of the full mesh lies within about 1 % of the radius (0.7) of the simplified
+    # surface (measured 0.0063 at a tenth of the faces; median 0.0007).
+    distance = distance_to(mesh, fine.vertices)
+    assert distance.max() < 0.008 and np.median(distance) < 0.001
     assert report.to_dict() == {"faces": 20480, "exported_faces": mesh.faces.shape[0], "skipped": None, "simplified": True}
     assert describe_export(report.to_dict()) == f"{mesh.faces.shape[0]:,} of 20,480 faces exported"
 
@@ -63,7 +65,7 @@ def test_a_torus_keeps_its_hole():
     mesh, report = simplify(torus, 1000)
     assert report.simplified and mesh.faces.shape[0] <= 1000
     assert [(p.closed, p.genus) for p in mesh_pieces(mesh)] == [(True, 1)]
-    assert distance_to(mesh, torus.vertices).max() < 0.01
+    assert distance_to(mesh, torus.vertices).max() < 0.012  # measured 0.0087 (tube radius 0.2)
 
 
 def test_small_open_or_unlimited_meshes_are_exported_as_they_are(fine):
@@ -78,12 +80,12 @@ def test_small_open_or_unlimited_meshes_are_exported_as_they_are(fine):
 
 
 def test_a_simplification_that_changes_the_topology_is_not_used(fine, monkeypatch):
-    import igl
+    import fast_simplification
 
     two = trimesh.util.concatenate([trimesh.creation.icosphere(1, radius=0.3).apply_translation([0.4, 0, 0]),
                                     trimesh.creation.icosphere(1, radius=0.3).apply_translation([-0.4, 0, 0])])
-    result = (np.asarray(two.vertices, dtype=np.float64), np.asarray(two.faces, dtype=np.int64), None, None)
-    monkeypatch.setattr(igl, "qslim", lambda *args, **kwargs: result)
+    result = (np.asarray(two.vertices, dtype=np.float64), np.asarray(two.faces, dtype=np.int64))
+    monkeypatch.setattr(fast_simplification, "simplify", lambda *args, **kwargs: result)
     mesh, report = simplify(fine, 2000)
     assert mesh is fine and report.skipped == "simplifying would change the pieces or their genus"
 
@@ -129,6 +131,6 @@ def test_the_simplified_asset_shades_like_the_full_mesh(fine):
             angle[name] = float(torch.rad2deg(torch.acos(cosine.clamp(-1, 1))).mean())
             psnr[name] = float(-10 * torch.log10(((reference["rgb"] - out["rgb"]) ** 2)[inside].mean()))
     print(angle, psnr)
-    # Measured: 1.39 -> 0.46 degrees, 47.1 -> 54.5 dB.
+    # Measured: 1.90 -> 0.48 degrees, 44.6 -> 53.9 dB.
     assert angle["detail"] < 0.6 < 1.2 < angle["plain"]
     assert psnr["detail"] > psnr["plain"] + 5

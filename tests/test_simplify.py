@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from xdreamer.export.bake import bake_textures, closest_surface, unwrap
+from xdreamer.export.bake import NearestSurface, bake_textures, unwrap
 from xdreamer.export.simplify import SimplifyReport, describe_export, simplify
 from xdreamer.geometry.cleanup import mesh_pieces
 from xdreamer.mesh import Mesh
@@ -90,11 +90,11 @@ def test_a_simplification_that_changes_the_topology_is_not_used(fine, monkeypatc
     assert mesh is fine and report.skipped == "simplifying would change the pieces or their genus"
 
 
-def test_closest_surface_finds_the_sphere_and_its_normal():
+def test_the_nearest_surface_point_and_normal_of_a_sphere():
     sphere = as_mesh(trimesh.creation.icosphere(5, radius=0.5))
     directions = torch.nn.functional.normalize(torch.randn(500, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
     points = directions * torch.linspace(0.45, 0.55, 500)[:, None]
-    nearest, normal = closest_surface(sphere, points)
+    nearest, normal = NearestSurface(sphere)(points)
     assert float((nearest.norm(dim=-1) - 0.5).abs().max()) < 0.001
     assert float((nearest - directions * 0.5).norm(dim=-1).max()) < 0.005
     angle = torch.rad2deg(torch.acos((normal * directions).sum(-1).clamp(-1, 1)))

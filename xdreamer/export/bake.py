@@ -66,28 +66,34 @@ def fill_gutters(texture: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
     return texture[rows, cols]
 
 
-def closest_surface(detail: Mesh, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The point of `detail`'s surface nearest each of `points` (N, 3), and the smooth (welded,
-    interpolated vertex) normal there: (N, 3), (N, 3) unit, on points.device."""
-    import igl
+class NearestSurface:
+    """The surface of `mesh`, queried for the point nearest to given points and the smooth
+    (welded, interpolated vertex) normal there."""
 
-    vertices = detail.vertices.detach().cpu().double()
-    faces = detail.faces.detach().cpu()
-    _, face, nearest = igl.point_mesh_squared_distance(
-        points.detach().cpu().double().numpy(), vertices.numpy(), faces.numpy().astype(np.int64)
-    )
-    nearest = torch.as_tensor(nearest)
-    corners = vertices[faces[torch.as_tensor(face)]]  # (N, 3, 3)
-    # Barycentric coordinates of the nearest point in its triangle (it lies on the triangle).
-    e1, e2, d = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], nearest - corners[:, 0]
-    d11, d12, d22 = (e1 * e1).sum(-1), (e1 * e2).sum(-1), (e2 * e2).sum(-1)
-    d1, d2 = (d * e1).sum(-1), (d * e2).sum(-1)
-    denominator = (d11 * d22 - d12 * d12).clamp_min(1e-30)
-    w1, w2 = (d22 * d1 - d12 * d2) / denominator, (d11 * d2 - d12 * d1) / denominator
-    weights = torch.stack([1 - w1 - w2, w1, w2], -1)[..., None]  # (N, 3, 1)
-    vertex_normals = welded_vertex_normals(detail).detach().cpu().double()
-    normal = F.normalize((vertex_normals[faces[torch.as_tensor(face)]] * weights).sum(1), dim=-1)
-    return nearest.to(points), normal.to(points)
+    def __init__(self, mesh: Mesh):
+        self.vertices = mesh.vertices.detach().cpu().double()
+        self.faces = mesh.faces.detach().cpu()
+        self.vertex_normals = welded_vertex_normals(mesh).detach().cpu().double()
+
+    def __call__(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """points (N, 3) -> nearest points (N, 3) and unit normals (N, 3), on points.device."""
+        import igl
+
+        _, face, nearest = igl.point_mesh_squared_distance(
+            points.detach().cpu().double().numpy(), self.vertices.numpy(), self.faces.numpy().astype(np.int64)
+        )
+        nearest = torch.as_tensor(nearest)
+        corners = self.faces[torch.as_tensor(face)]  # (N, 3) vertex indices
+        a, b, c = self.vertices[corners].unbind(1)
+        # Barycentric coordinates of the nearest point in its triangle (it lies on the triangle).
+        e1, e2, d = b - a, c - a, nearest - a
+        d11, d12, d22 = (e1 * e1).sum(-1), (e1 * e2).sum(-1), (e2 * e2).sum(-1)
+        d1, d2 = (d * e1).sum(-1), (d * e2).sum(-1)
+        denominator = (d11 * d22 - d12 * d12).clamp_min(1e-30)
+        w1, w2 = (d22 * d1 - d12 * d2) / denominator, (d11 * d2 - d12 * d1) / denominator
+        weights = torch.stack([1 - w1 - w2, w1, w2], -1)[..., None]  # (N, 3, 1)
+        normal = F.normalize((self.vertex_normals[corners] * weights).sum(1), dim=-1)
+        return nearest.to(points), normal.to(points)
 
 
 @torch.no_grad()
@@ -126,12 +132,13 @@ def bake_textures(
     handedness = torch.where(texels[:, 9:10] < 0, -1.0, 1.0)
 
     values = {name: [] for name in CHANNELS}
-    surface, shading = (position, normal) if detail is None else closest_surface(detail, position)
+    nearest = None if detail is None else NearestSurface(detail)
     for start in range(0, position.shape[0], chunk):
         stop = start + chunk
-        n, s = normal[start:stop], shading[start:stop]
-        material = material_fn(surface[start:stop])
-        world = perturb_normal(s, fallback_tangents(s), material["normal_perturbation"])
+        n = normal[start:stop]
+        surface, shading = (position[start:stop], n) if nearest is None else nearest(position[start:stop])
+        material = material_fn(surface)
+        world = perturb_normal(shading, fallback_tangents(shading), material["normal_perturbation"])
         material["normal"] = F.normalize(world_to_tangent(world, n, tangent[start:stop], handedness[start:stop]), dim=-1)
         for name in CHANNELS:
             values[name].append(material[name].float())

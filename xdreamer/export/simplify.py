@@ -1,7 +1,7 @@
 """Simplifying the exported mesh: at most `export.max_faces` triangles, the same topology.
 
-Marching tetrahedra on a fine grid gives far more triangles than the shape needs (343 k on a
-rippled sphere at grid 128, mostly slivers along the tet faces), and the export's UV unwrapping
+Marching tetrahedra on a fine grid gives far more triangles than the shape needs (155 k for a
+rippled sphere of radius 0.6 at grid 128, many of them slivers), and the export's UV unwrapping
 grows faster than the mesh (docs/benchmarks.md). The mesh is simplified by quadric-error edge
 collapses before it is unwrapped (`fast_simplification`, Forstmann's fast quadric simplification,
 which refuses collapses that flip a triangle; libigl's QSlim folded 0.5 % of a rippled sphere's
@@ -73,7 +73,7 @@ def simplify(mesh: Mesh, max_faces: int) -> tuple[Mesh, SimplifyReport]:
 
 def describe_export(report: dict) -> str:
     """A run's export simplification (`SimplifyReport.to_dict`) for the console: "100,000 of
-    343,008 faces exported", the reason when it was skipped, "" when the mesh was small enough."""
+    154,600 faces exported", the reason when it was skipped, "" when the mesh was small enough."""
     if report.get("simplified"):
         return f"{report['exported_faces']:,} of {report['faces']:,} faces exported"
     if report.get("skipped"):

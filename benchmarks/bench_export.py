@@ -1,7 +1,8 @@
 """The export of a fine mesh with and without its simplification (`export.max_faces`): simplify
-(QSlim), UV-unwrap (xatlas), bake (the material on every texel; with the full mesh as detail when
-simplified), on the marching-tets surface of a rippled sphere over the pipeline's grid (scale
-2.1), and how far the exported surface lies from the full one.
+(quadric edge collapses, topology checked), UV-unwrap (xatlas), bake (the material on every
+texel; with the full mesh as detail when simplified), on the marching-tets surface of a rippled
+sphere over the pipeline's grid (scale 2.1), and how far the exported surface lies from the full
+one.
 
     .venv/bin/python benchmarks/bench_export.py --resolutions 64,128 --max-faces 0,100000 --texture-size 1024
 """
@@ -18,7 +19,7 @@ from timing import print_table
 
 from xdreamer.appearance.material import MaterialNetwork
 from xdreamer.export.bake import bake_textures, unwrap
-from xdreamer.export.simplify import simplify
+from xdreamer.pipeline.assets import simplify
 
 
 def max_distance(full, exported) -> float:

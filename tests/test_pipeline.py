@@ -102,6 +102,7 @@ def test_generate_toy_end_to_end(tmp_path):
     texture = list(scene.geometry.values())[0].visual.material.baseColorTexture
     assert np.asarray(texture).shape[:2] == (32, 32) and (run / "export" / "model.glb").read_bytes() != before
     # Re-exported lighter: the GLB has at most the faces asked for, the full mesh stays in geometry/.
+    assert None not in json.loads((run / "report.json").read_text())["mesh"]["genus"]  # closed, so it can be
     full = trimesh.load(run / "geometry" / "mesh.ply", process=False).faces.shape[0]
     result = cli("export", str(run), "--format", "glb", "--texture-size", "32", "--max-faces", str(full // 2))
     assert result.returncode == 0, result.stderr[-2000:]

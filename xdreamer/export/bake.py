@@ -67,31 +67,34 @@ def fill_gutters(texture: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
 
 
 class NearestSurface:
-    """The surface of `mesh`, queried for the point nearest to given points and the smooth
-    (welded, interpolated vertex) normal there."""
+    """The surface of `mesh` (its AABB tree built once), queried for the point nearest to given
+    points and the smooth (welded, interpolated vertex) normal there."""
 
     def __init__(self, mesh: Mesh):
+        import igl
+
         self.vertices = mesh.vertices.detach().cpu().double()
         self.faces = mesh.faces.detach().cpu()
         self.vertex_normals = welded_vertex_normals(mesh).detach().cpu().double()
+        self._arrays = (self.vertices.numpy(), self.faces.numpy().astype(np.int64))
+        self._tree = igl.AABB()
+        self._tree.init(*self._arrays)
 
     def __call__(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """points (N, 3) -> nearest points (N, 3) and unit normals (N, 3), on points.device."""
-        import igl
-
-        _, face, nearest = igl.point_mesh_squared_distance(
-            points.detach().cpu().double().numpy(), self.vertices.numpy(), self.faces.numpy().astype(np.int64)
-        )
+        _, face, nearest = self._tree.squared_distance(*self._arrays, points.detach().cpu().double().numpy())
         nearest = torch.as_tensor(nearest)
         corners = self.faces[torch.as_tensor(face)]  # (N, 3) vertex indices
         a, b, c = self.vertices[corners].unbind(1)
-        # Barycentric coordinates of the nearest point in its triangle (it lies on the triangle).
+        # Barycentric coordinates of the nearest point in its triangle; on a sliver rounding can
+        # push them out of [0, 1], so they are clamped and renormalized.
         e1, e2, d = b - a, c - a, nearest - a
         d11, d12, d22 = (e1 * e1).sum(-1), (e1 * e2).sum(-1), (e2 * e2).sum(-1)
         d1, d2 = (d * e1).sum(-1), (d * e2).sum(-1)
         denominator = (d11 * d22 - d12 * d12).clamp_min(1e-30)
         w1, w2 = (d22 * d1 - d12 * d2) / denominator, (d11 * d2 - d12 * d1) / denominator
-        weights = torch.stack([1 - w1 - w2, w1, w2], -1)[..., None]  # (N, 3, 1)
+        weights = torch.stack([1 - w1 - w2, w1, w2], -1).clamp_min(0)
+        weights = (weights / weights.sum(-1, keepdim=True).clamp_min(1e-30))[..., None]  # (N, 3, 1)
         normal = F.normalize((self.vertex_normals[corners] * weights).sum(1), dim=-1)
         return nearest.to(points), normal.to(points)
 
@@ -136,7 +139,13 @@ def bake_textures(
     for start in range(0, position.shape[0], chunk):
         stop = start + chunk
         n = normal[start:stop]
-        surface, shading = (position[start:stop], n) if nearest is None else nearest(position[start:stop])
+        surface, shading = position[start:stop], n
+        if nearest is not None:
+            found, found_normal = nearest(surface)
+            # Where a part is thinner than the simplification moved it, the nearest point can be
+            # on the sheet behind: such texels keep their own point and normal.
+            front = (found_normal * n).sum(-1, keepdim=True) > 0
+            surface, shading = torch.where(front, found, surface), torch.where(front, found_normal, shading)
         material = material_fn(surface)
         world = perturb_normal(shading, fallback_tangents(shading), material["normal_perturbation"])
         material["normal"] = F.normalize(world_to_tangent(world, n, tangent[start:stop], handedness[start:stop]), dim=-1)

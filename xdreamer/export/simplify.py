@@ -1,4 +1,4 @@
-"""Simplifying the exported mesh: at most `export.max_faces` triangles, the same topology.
+"""Simplifying the exported mesh to at most `export.max_faces` triangles.
 
 Marching tetrahedra on a fine grid gives far more triangles than the shape needs (155 k for a
 rippled sphere of radius 0.6 at grid 128, many of them slivers), and the export's UV unwrapping
@@ -7,11 +7,8 @@ collapses before it is unwrapped (`fast_simplification`, Forstmann's fast quadri
 which refuses collapses that flip a triangle; libigl's QSlim folded 0.5 % of a rippled sphere's
 surface over at 155 k -> 100 k faces); the bake then reads the shading normals of the full mesh
 into the normal map (`bake_textures(..., detail=...)`), so the lighter mesh shades like the one the
-appearance stage was trained on.
-
-Simplification is skipped (the full mesh exported) when the mesh is not a closed, oriented
-2-manifold or when the collapses would change the pieces or their genus (they can, where marching
-tetrahedra left thin folds); `SimplifyReport.skipped` says why.
+appearance stage was trained on. The pipeline keeps the full mesh where the collapses would change
+its topology (`xdreamer.pipeline.assets`).
 """
 
 from __future__ import annotations
@@ -21,14 +18,17 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from xdreamer.geometry.cleanup import mesh_pieces
 from xdreamer.mesh import Mesh
+
+
+class SimplifyError(RuntimeError):
+    """The simplification library is missing or failed on a mesh."""
 
 
 @dataclass(frozen=True)
 class SimplifyReport:
-    """faces: of the mesh given; exported_faces: of the mesh returned; skipped: why the full mesh
-    is returned although it has more than max_faces faces (None otherwise)."""
+    """faces: of the mesh given; exported_faces: of the mesh exported; skipped: why the full mesh
+    is exported although it has more than max_faces faces (None otherwise)."""
 
     faces: int
     exported_faces: int
@@ -42,33 +42,24 @@ class SimplifyReport:
         return {**asdict(self), "simplified": self.simplified}
 
 
-def _topology(mesh: Mesh) -> list[tuple[bool, int | None]]:
-    """(closed, genus) of every piece, in a fixed order."""
-    return sorted(((p.closed, p.genus) for p in mesh_pieces(mesh)), key=lambda item: (item[0], -1 if item[1] is None else item[1]))
+def quadric_simplify(mesh: Mesh, max_faces: int) -> Mesh:
+    """mesh: (V, 3) vertices, (F, 3) faces, no uvs -> a mesh of about `max_faces` faces (the
+    library stops after its passes even if a few more remain) by quadric edge collapses, on
+    mesh.device. Raises SimplifyError if the library is missing or fails."""
+    try:
+        import fast_simplification
 
-
-def simplify(mesh: Mesh, max_faces: int) -> tuple[Mesh, SimplifyReport]:
-    """At most `max_faces` faces by quadric edge collapses (0: no limit). mesh: (V, 3) vertices, (F, 3)
-    faces, no uvs (it is simplified before unwrapping). Returns the mesh to export (the input
-    itself when it is small enough or cannot be simplified) and what was done."""
-    faces = int(mesh.faces.shape[0])
-    if max_faces <= 0 or faces <= max_faces:
-        return mesh, SimplifyReport(faces, faces)
-    import fast_simplification
-
-    before = _topology(mesh)
-    if not all(closed and genus is not None for closed, genus in before):
-        return mesh, SimplifyReport(faces, faces, "the mesh is not a closed, oriented manifold")
-    vertices = mesh.vertices.detach().cpu().double().numpy()
-    indices = mesh.faces.detach().cpu().numpy().astype(np.int64)
-    new_vertices, new_faces = fast_simplification.simplify(vertices, indices, target_count=max_faces)
-    simplified = Mesh(
-        vertices=torch.as_tensor(np.asarray(new_vertices), dtype=mesh.vertices.dtype, device=mesh.device),
-        faces=torch.as_tensor(np.asarray(new_faces), dtype=torch.int64, device=mesh.device),
+        vertices, faces = fast_simplification.simplify(
+            mesh.vertices.detach().cpu().double().numpy(),
+            mesh.faces.detach().cpu().numpy().astype(np.int64),
+            target_count=max_faces,
+        )
+    except Exception as error:  # an export at the end of a long run falls back instead of failing
+        raise SimplifyError(f"fast_simplification failed: {error}") from error
+    return Mesh(
+        vertices=torch.as_tensor(np.asarray(vertices), dtype=mesh.vertices.dtype, device=mesh.device),
+        faces=torch.as_tensor(np.asarray(faces), dtype=torch.int64, device=mesh.device),
     )
-    if _topology(simplified) != before:
-        return mesh, SimplifyReport(faces, faces, "simplifying would change the pieces or their genus")
-    return simplified, SimplifyReport(faces, int(simplified.faces.shape[0]))
 
 
 def describe_export(report: dict) -> str:

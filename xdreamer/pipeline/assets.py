@@ -15,8 +15,9 @@ import torch
 from xdreamer.export.bake import bake_textures, unwrap
 from xdreamer.export.gltf import write_glb
 from xdreamer.export.obj import write_obj
-from xdreamer.export.simplify import SimplifyReport, simplify
+from xdreamer.export.simplify import SimplifyError, SimplifyReport, quadric_simplify
 from xdreamer.export.video import write_video
+from xdreamer.geometry.cleanup import mesh_pieces
 from xdreamer.mesh import Mesh, save_mesh
 from xdreamer.render.camera import orbit_cameras
 from xdreamer.render.light import EnvironmentLight
@@ -25,6 +26,30 @@ from xdreamer.render.shade import render_textured
 from xdreamer.rundir import RunPaths, replace_folder
 
 FORMATS = ("glb", "obj")
+
+
+def _topology(mesh: Mesh) -> list[tuple[bool, int | None, bool]]:
+    """(closed, genus, cavity) of every piece, in a fixed order."""
+    return sorted(((p.closed, p.genus, p.cavity) for p in mesh_pieces(mesh)), key=lambda t: (t[0], -1 if t[1] is None else t[1], t[2]))
+
+
+def simplify(mesh: Mesh, max_faces: int) -> tuple[Mesh, SimplifyReport]:
+    """The mesh to export: `mesh` simplified to about `max_faces` faces (0: no limit), or `mesh`
+    itself when it is small enough, is not a closed oriented manifold, or would change its pieces,
+    their genus or winding (collapses can, where marching tetrahedra left thin folds)."""
+    faces = int(mesh.faces.shape[0])
+    if max_faces <= 0 or faces <= max_faces:
+        return mesh, SimplifyReport(faces, faces)
+    before = _topology(mesh)
+    if not all(closed and genus is not None for closed, genus, _ in before):
+        return mesh, SimplifyReport(faces, faces, "the mesh is not a closed, oriented manifold")
+    try:
+        simplified = quadric_simplify(mesh, max_faces)
+    except SimplifyError as error:
+        return mesh, SimplifyReport(faces, faces, str(error))
+    if _topology(simplified) != before:
+        return mesh, SimplifyReport(faces, faces, "simplifying would change the pieces, their genus or winding")
+    return simplified, SimplifyReport(faces, int(simplified.faces.shape[0]))
 
 
 def export_asset(

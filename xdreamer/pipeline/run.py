@@ -464,8 +464,8 @@ class Run:
             self.report("done")
             summary = ", ".join(f"{k}: {v}" for k, v in written.items())
             mesh = f" — mesh: {describe_topology(s.mesh)}" if s.mesh else ""
-            faces = f" — {describe_export(s.export)}" if describe_export(s.export) else ""
-            print(f"xdreamer: done in {sum(s.timings.values()):.0f} s{mesh}{faces} — {summary}")
+            faces = describe_export(s.export)
+            print(f"xdreamer: done in {sum(s.timings.values()):.0f} s{mesh}{f' — {faces}' if faces else ''} — {summary}")
         return 0
 
     def export(self, formats: list[str], texture_size: int, max_faces: int) -> dict[str, str]:

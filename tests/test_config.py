@@ -13,6 +13,9 @@ def test_presets_ship_and_resolve():
     assert paper.ama.weight == pytest.approx(0.1)
     toy = load_config(preset="toy", prompt="a red cube")
     assert toy.model == "toy"
+    # The paper's view words in both stages; the toy preset's in the appearance stage only.
+    assert paper.direction_prompts and paper.geometry.direction_prompts
+    assert toy.direction_prompts and not toy.geometry.direction_prompts
 
 
 def test_precedence_preset_flags_overrides():

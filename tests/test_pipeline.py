@@ -540,3 +540,31 @@ def test_the_early_silhouette_weight_holds_until_the_switch(tmp_path, monkeypatc
                       views=2, device="cpu")
     assert pipeline.generate(cfg, tmp_path / "run") == 0
     assert weights == [3.5] * 4 + [1.5] * 2
+
+
+def test_the_geometry_stage_can_be_prompted_without_view_words(tmp_path, monkeypatch):
+    from tiny_models import make_tiny_pixel_model
+
+    from xdreamer import pipeline
+    from xdreamer.config import load_config
+    from xdreamer.guidance.prompts import TextConditioner
+
+    model = make_tiny_pixel_model(tmp_path / "tiny_pixel")
+    asked: list[str] = []
+    real = TextConditioner.views
+
+    def views(self, prompt, labels):
+        out = real(self, prompt, labels)
+        asked.extend(out.prompts)
+        return out
+
+    # The guide calls the conditioner (`__call__`, bound to `views` when the class was made).
+    monkeypatch.setattr(TextConditioner, "__call__", views)
+    overrides = [t for t in TINY if "=" in t] + ["geometry.iters=3", "appearance.iters=2", "geometry.direction_prompts=false"]
+    cfg = load_config(preset="toy", prompt="a red cube", overrides=overrides, model=str(model), views=2, device="cpu")
+    assert pipeline.generate(cfg, tmp_path / "run") == 0
+    # 3 geometry steps of 2 views with the normal-map prompt alone, then 2 appearance steps of 2
+    # views, each with its side.
+    assert asked[:6] == ["a red cube, normal map"] * 6
+    sides = ("a red cube, front view", "a red cube, side view", "a red cube, back view", "a red cube, overhead view")
+    assert len(asked) == 10 and all(p in sides for p in asked[6:])

@@ -78,6 +78,10 @@ class GeometryConfig:
     # Appended to the prompt for the normal-map renders of this stage (", normal map" for the toy
     # model, which was trained with it; SD keeps the prompt as it is).
     prompt_suffix: str = ""
+    # With direction_prompts, whether this stage's prompts carry the view word too ("..., front
+    # view"); false: the geometry stage is prompted without it and only the appearance stage
+    # names the camera's side.
+    direction_prompts: bool = True
     # Regularizers (0 = off, as in the authors' code): mesh normal consistency, uniform Laplacian
     # smoothness, and nvdiffrec's SDF sign regularizer on the grid edges that cross the surface.
     normal_consistency_weight: float = 0.0

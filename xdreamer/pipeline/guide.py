@@ -63,11 +63,10 @@ class GuidanceStep:
         self.dp = dp
         self.generator = generator
         self.text = TextConditioner(guidance, negative_prompt=cfg.negative_prompt)
-        labels = VIEW_LABELS if cfg.direction_prompts else None
         # Every prompt the run can ask for is embedded now, so the text encoder's memory goes
         # back before the first step.
         for stage in ("geometry", "appearance"):
-            self.text.prepare(self.prompt(stage), labels)
+            self.text.prepare(self.prompt(stage), VIEW_LABELS if self.direction_prompts(stage) else None)
         guidance.release_text_encoder()
 
         self.cg_lora: CameraGuidedLoRA | None = None
@@ -105,6 +104,11 @@ class GuidanceStep:
         if self.cg_lora is not None and stage == "appearance" and self.cfg.cg_lora.per_stage:
             self.cg_lora.load_lora_state_dict(self._initial)
             self.optimizer = self._make_optimizer()
+
+    def direction_prompts(self, stage: str) -> bool:
+        """Whether the stage's prompts name the camera's side (`direction_prompts`, and for the
+        geometry stage `geometry.direction_prompts`)."""
+        return bool(self.cfg.direction_prompts) and (stage != "geometry" or bool(self.cfg.geometry.direction_prompts))
 
     def prompt(self, stage: str) -> str:
         """The prompt of a stage: the geometry stage's normal maps may carry `geometry.prompt_suffix`."""
@@ -148,7 +152,7 @@ class GuidanceStep:
         needs it at any other scale)."""
         cfg = self.cfg
         batch = model_input.shape[0]
-        labels = cameras.view_labels(cfg.camera.overhead_elevation) if cfg.direction_prompts else [None] * batch
+        labels = cameras.view_labels(cfg.camera.overhead_elevation) if self.direction_prompts(stage) else [None] * batch
         text = self.text(self.prompt(stage), labels)
         record = ama_on or diagnose
         if record != self._recording:

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--format", default="glb,obj", help="comma-separated: glb, obj")
     p.add_argument("--texture-size", type=int, default=None)
-    p.add_argument("--max-faces", type=int, default=None, help="simplify the exported mesh to at most this many faces (0: not at all)")
+    p.add_argument(
+        "--max-faces", type=int, default=None, help="simplify the exported mesh to this many faces (0: not at all)"
+    )
     _add_render(sub)
     # The app and batch front ends declare their own options (their modules import nothing heavy
     # at the top; gradio and ray are imported when the command runs).

@@ -30,7 +30,8 @@ FORMATS = ("glb", "obj")
 
 def _topology(mesh: Mesh) -> list[tuple[bool, int | None, bool]]:
     """(closed, genus, cavity) of every piece, in a fixed order."""
-    return sorted(((p.closed, p.genus, p.cavity) for p in mesh_pieces(mesh)), key=lambda t: (t[0], -1 if t[1] is None else t[1], t[2]))
+    pieces = [(p.closed, p.genus, p.cavity) for p in mesh_pieces(mesh)]
+    return sorted(pieces, key=lambda t: (t[0], -1 if t[1] is None else t[1], t[2]))
 
 
 def simplify(mesh: Mesh, max_faces: int) -> tuple[Mesh, SimplifyReport]:

@@ -68,5 +68,5 @@ def describe_export(report: dict) -> str:
     if report.get("simplified"):
         return f"{report['exported_faces']:,} of {report['faces']:,} faces exported"
     if report.get("skipped"):
-        return f"all {report['faces']:,} faces exported: {report['skipped']}"
+        return f"all {report['faces']:,} faces kept: {report['skipped']}"
     return ""

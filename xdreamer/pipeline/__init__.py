@@ -206,7 +206,7 @@ def export_run(run_dir: Path, formats: list[str], texture_size: int | None, max_
         if lock is not None:
             lock.release()
     faces = describe_export(run.state.export)
-    print("xdreamer: exported " + (f"{faces} — " if faces else "") + ", ".join(f"{k}: {v}" for k, v in written.items()))
+    print("xdreamer: exported " + ", ".join(f"{k}: {v}" for k, v in written.items()) + (f" — {faces}" if faces else ""))
     return 0
 
 

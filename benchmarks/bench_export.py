@@ -18,18 +18,14 @@ from bench_unwrap import rippled_sphere
 from timing import print_table
 
 from xdreamer.appearance.material import MaterialNetwork
-from xdreamer.export.bake import bake_textures, unwrap
+from xdreamer.export.bake import NearestSurface, bake_textures, unwrap
 from xdreamer.pipeline.assets import simplify
 
 
 def max_distance(full, exported) -> float:
     """Largest distance from a vertex of the full mesh to the exported surface."""
-    import igl
-
-    squared, _, _ = igl.point_mesh_squared_distance(
-        full.vertices.double().numpy(), exported.vertices.double().numpy(), exported.faces.numpy().astype(np.int64)
-    )
-    return float(np.sqrt(squared.max()))
+    nearest, _ = NearestSurface(exported)(full.vertices)
+    return float((nearest - full.vertices).norm(dim=-1).max())
 
 
 def main() -> None:

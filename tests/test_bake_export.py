@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from materials import smooth_material
 
 from xdreamer.appearance.material import MaterialNetwork
 from xdreamer.export.bake import bake_textures, fill_gutters, texture_images, unwrap
@@ -77,17 +78,6 @@ def test_fill_gutters_copies_the_nearest_covered_texel():
     filled = fill_gutters(texture, covered)[..., 0]
     assert filled[1, 1] == 1 and filled[3, 4] == 2  # covered texels untouched
     assert filled[0, 0] == 1 and filled[4, 4] == 2 and filled[2, 0] == 1 and filled[4, 3] == 2
-
-
-def smooth_material(positions):
-    n = positions.shape[0]
-    return {
-        "kd": 0.5 + 0.4 * positions,
-        "roughness": 0.5 + 0.3 * positions[:, 1:2],
-        "metallic": 0.5 + 0.3 * positions[:, 0:1],
-        "occlusion": positions.new_zeros(n, 1),
-        "normal_perturbation": positions.new_tensor([0.0, 0.0, 1.0]).expand(n, 3),
-    }
 
 
 def test_baked_texels_sit_where_the_uvs_point(baked):

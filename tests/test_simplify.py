@@ -1,10 +1,13 @@
 """Simplifying the exported mesh (quadric edge collapses, topology kept) and baking the full mesh's shading onto it."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import trimesh
+from materials import smooth_material
 
 from xdreamer.export.bake import NearestSurface, bake_textures, unwrap
 from xdreamer.export.simplify import SimplifyReport, describe_export
@@ -127,36 +130,20 @@ def test_the_nearest_surface_point_and_normal_of_a_sphere():
     assert float((normal[0] - expected).abs().max()) < 1e-4
 
 
-def material(perturbation: tuple[float, float, float]):
-    """Smoothly varying colours and one normal perturbation everywhere ((0, 0, 1): the shading
-    normal is the mesh's own)."""
-
-    def at(positions):
-        n = positions.shape[0]
-        return {
-            "kd": 0.5 + 0.4 * positions,
-            "roughness": 0.5 + 0.3 * positions[:, 1:2],
-            "metallic": 0.5 + 0.3 * positions[:, 0:1],
-            "occlusion": positions.new_zeros(n, 1),
-            "normal_perturbation": F.normalize(positions.new_tensor(perturbation), dim=0).expand(n, 3),
-        }
-
-    return at
-
-
 @pytest.mark.parametrize("perturbation", [(0.0, 0.0, 1.0), (0.3, -0.2, 0.93)])
 def test_the_simplified_asset_shades_like_the_full_mesh(fine, perturbation):
     """The appearance stage trained on the full mesh; the asset is the simplified one. Baked with
     the full mesh as detail, its normal map gives it the full mesh's shading back."""
     mesh, _ = simplify(fine, 300)  # coarse enough that its own normals visibly differ
+    material = partial(smooth_material, perturbation=perturbation)
     light = default_environment(resolution=32)
     atlas = unwrap(mesh, texture_size=512)
     cameras = orbit_cameras(4, elevation=20)
     with torch.no_grad():
-        reference = render_pbr(fine, cameras, 128, material(perturbation), light, backend="torch")
+        reference = render_pbr(fine, cameras, 128, material, light, backend="torch")
         angle, psnr = {}, {}
         for name, detail in (("plain", None), ("detail", fine)):
-            maps = bake_textures(atlas, material(perturbation), size=512, backend="torch", detail=detail)
+            maps = bake_textures(atlas, material, size=512, backend="torch", detail=detail)
             out = render_textured(atlas, cameras, 128, maps, light, backend="torch")
             inside = ((reference["mask"] * out["mask"]) > 0.99)[..., 0]  # away from both silhouettes
             cosine = (F.normalize(reference["normal"], dim=-1) * F.normalize(out["normal"], dim=-1)).sum(-1)[inside]

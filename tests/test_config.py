@@ -1,3 +1,5 @@
+import math
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -16,6 +18,20 @@ def test_presets_ship_and_resolve():
     # The paper's view words in both stages; the toy preset's in the appearance stage only.
     assert paper.direction_prompts and paper.geometry.direction_prompts
     assert toy.direction_prompts and not toy.geometry.direction_prompts
+
+
+def test_toy_geometry_finest_wave_is_four_grid_cells():
+    """The toy preset's geometry encoding stops at a wave of 4 grid cells: the 2-cell octave
+    ribbed every surface and tunnelled cubes on fresh seeds (docs/benchmarks.md)."""
+    from xdreamer.geometry.dmtet import DMTetGeometry
+
+    g = load_config(preset="toy", prompt="a red cube").geometry
+    geometry = DMTetGeometry(g.grid_resolution, g.grid_scale, g.encoding, frequency_count=g.frequency_count)
+    # The network reads the grid as [0, 1] per axis: a frequency f has a period of
+    # (2 pi / f) * grid_resolution cells.
+    finest = float(geometry.encoding.frequencies.max())
+    assert 2 * math.pi / finest * g.grid_resolution == pytest.approx(4.0)
+    assert float(geometry.encoding.frequencies.min()) == pytest.approx(math.pi)  # coarsest: 2 grids
 
 
 def test_precedence_preset_flags_overrides():

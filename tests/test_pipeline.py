@@ -28,6 +28,10 @@ TINY = [
     "export.texture_size=64", "export.turntable_frames=4", "export.turntable_resolution=64",
 ]
 
+# The whole ellipsoid and the default geometry encoding, for the tests whose lines were drawn on the
+# tiny run's 20-step fit of it
+ELLIPSOID_SIX_OCTAVES = ["init.flat_base=null", "geometry.frequency_count=6"]
+
 
 def cli(*argv, timeout=600):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONHASHSEED="0")
@@ -475,13 +479,15 @@ def test_a_mesh_that_shrinks_below_the_collapse_fraction_counts_as_collapsed(tmp
     """geometry.collapse_fraction draws the line against the initial shape's area: at 0.5 the tiny
     run never crosses it; at 0.999 every step is below it (the fitted 16^3 mesh has less area than
     the exact ellipsoid), so every step restores until the run gives up with one line."""
-    # the whole ellipsoid (the toy preset cuts it flat; the line is the same either way)
-    kept = generate(tmp_path / "kept", "geometry.collapse_fraction=0.5", "init.flat_base=null")
+    # the whole ellipsoid (the toy preset cuts it flat; the line is the same either way), fitted
+    # with the default 6 octaves: with the toy preset's 5, the 20-step mesh keeps at least 0.999 of
+    # the ellipsoid's area, and the line is never crossed
+    kept = generate(tmp_path / "kept", "geometry.collapse_fraction=0.5", *ELLIPSOID_SIX_OCTAVES)
     assert kept.returncode == 0, kept.stderr[-2000:]
     assert json.loads((tmp_path / "kept" / "report.json").read_text())["restored_checkpoints"] == []
 
     run = tmp_path / "collapsing"
-    result = generate(run, "geometry.collapse_fraction=0.999", "init.flat_base=null")
+    result = generate(run, "geometry.collapse_fraction=0.999", *ELLIPSOID_SIX_OCTAVES)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert "the run went bad 6 times (last: the mesh collapsed at geometry step 0)" in last
@@ -507,12 +513,13 @@ def test_base_colour_range_reaches_the_baked_texture(tmp_path):
 def test_bound_radius_confines_the_mesh(tmp_path):
     """geometry.bound_radius reaches the stage's geometry: a tiny run's rough 20-step fit of a
     0.3-radius ball overshoots to 0.56 without it; bounded at 0.32 no vertex is farther than the
-    bound plus the largest vertex offset (1 / grid_resolution world units)."""
+    bound plus the largest vertex offset (1 / grid_resolution world units). With the default 6
+    octaves: with the toy preset's 5, 20 steps do not fit a ball this small at grid 16 at all."""
     from xdreamer.mesh import load_mesh
 
     radii = {}
     for name, extra in [("free", []), ("bounded", ["geometry.bound_radius=0.32"])]:
-        result = generate(tmp_path / name, "init.radii=[0.3,0.3,0.3]", "init.flat_base=null", *extra)
+        result = generate(tmp_path / name, "init.radii=[0.3,0.3,0.3]", *ELLIPSOID_SIX_OCTAVES, *extra)
         assert result.returncode == 0, result.stderr[-2000:]
         radii[name] = load_mesh(tmp_path / name / "geometry" / "mesh.ply").vertices.norm(dim=-1).max().item()
     assert radii["free"] > 0.45

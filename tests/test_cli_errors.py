@@ -310,3 +310,13 @@ def test_toy_train_from_a_missing_model(capsys, tmp_path):
     code, err = run_cli(capsys, "toy", "train", "--out", str(tmp_path / "toy"), "--sampling", "balanced")
     assert_user_error(code, err, "--sampling balanced: use one of uniform, shapes")
     assert not (tmp_path / "toy").exists()
+    for option, value, message in (
+        ("--channels", "48,96", "--channels 48,96: give three block widths"),
+        ("--channels", "48,x,96", "--channels 48,x,96: give three block widths"),
+        ("--channels", "12,24,24", "--channels 12,24,24: give three block widths, each a multiple of 8"),
+        ("--resolution", "30", "--resolution 30: must be a multiple of 4"),
+        ("--device", "gpu7", "--device gpu7: not a device"),
+    ):
+        code, err = run_cli(capsys, "toy", "train", "--out", str(tmp_path / "toy"), option, value)
+        assert_user_error(code, err, message)
+        assert not (tmp_path / "toy").exists()

@@ -163,6 +163,30 @@ def test_export_round_trips_through_the_guidance_loader(tmp_path):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_trains_at_another_resolution_and_width_and_refuses_to_overwrite_its_checkpoint(tmp_path):
+    import json
+    from dataclasses import replace
+
+    config = ToyTrainingConfig(steps=2, batch_size=2, dataset_size=1, checkpoint_every=1, resolution=16,
+                               channels=(16, 16, 32))
+    model_dir = train_toy_model(tmp_path / "run", config, progress=False)
+    work = tmp_path / "run" / "work"
+    dataset = ToyDataset.load(work / "dataset_v3_1_16_seed0.pt")
+    assert tuple(dataset.images.shape) == (8, 16, 16, 3)  # 1 placement x 4 views x 2 modes
+    assert len(json.loads((tmp_path / "run" / "losses.json").read_text())["losses"]) == 2
+    # The guidance loads it and resizes renders to its resolution.
+    loaded = load_guidance_model(str(model_dir), "cpu")
+    assert loaded.sample_size == 16 and tuple(loaded.unet.config.block_out_channels) == (16, 16, 32)
+    assert tuple(loaded.encode_images(torch.rand(2, 64, 64, 3)).shape) == (2, 3, 16, 16)
+    # Rerun with other settings: refused, and the checkpoint is left as it was.
+    checkpoint = (work / "checkpoint.pt").read_bytes()
+    for other, message in ((replace(config, resolution=32), "resolution 16 there, 32 here"),
+                           (replace(config, steps=3), "steps 2 there, 3 here")):
+        with pytest.raises(ToyWorldError, match=message):
+            train_toy_model(tmp_path / "run", other, progress=False)
+        assert (work / "checkpoint.pt").read_bytes() == checkpoint
+
+
 def test_caption_dropout_and_view_suffix_rates():
     n = 4000
     dataset = ToyDataset(

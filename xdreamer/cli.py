@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
     p.add_argument("--sampling", default=None, help="uniform (default) | shapes: every shape an equal share of each mode")
     p.add_argument("--init", default=None, help="an exported toy model folder to start from")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default 32; a multiple of 4)")
+    p.add_argument("--channels", default=None, help="the UNet's three block widths (default 32,64,64)")
+    p.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda; the same draws either way")
     p = toy_sub.add_parser("eval", help="generate each prompt and score it against ground truth")
     p.add_argument("--prompts", default=None, help="default | front | a text file, one prompt per line")
     p.add_argument("--out", required=True)
@@ -133,7 +136,11 @@ def _run(args) -> int:
     if args.command == "toy" and args.toy_command == "train":
         from xdreamer.toy import train
 
-        train.main(Path(args.out), steps=args.steps, seed=args.seed, lr=args.lr, sampling=args.sampling, init=args.init)
+        channels = None if args.channels is None else train.parse_channels(args.channels)
+        train.main(
+            Path(args.out), device=args.device, steps=args.steps, seed=args.seed, lr=args.lr, sampling=args.sampling,
+            init=args.init, resolution=args.resolution, channels=channels,
+        )
         return 0
     if args.command == "toy" and args.toy_command == "compare":
         from xdreamer.atomic import write_text

@@ -38,7 +38,7 @@ from xdreamer.toy.world import (
     front_objects,
 )
 
-RESOLUTION = 32
+RESOLUTION = 32  # the shipped model's image side
 TEXT_DIM = 64
 CAPTION_DROPOUT = 0.1  # empty caption, for classifier-free guidance
 VIEW_SUFFIX_PROBABILITY = 0.75  # otherwise the caption has no ", front view" suffix
@@ -63,6 +63,9 @@ class ToyTrainingConfig:
     min_snr_gamma: float = 5.0
     checkpoint_every: int = 100
     channels: tuple[int, int, int] = (32, 64, 64)  # the UNet's block widths
+    # The images' side in pixels (the UNet's sample_size; the dataset is rendered at 4x it). The
+    # guidance resizes every render to it, so a model of another resolution drops in with --model.
+    resolution: int = RESOLUTION
     # How batches are drawn: "uniform" over the images, or "shapes" (`sampling_weights`).
     sampling: str = "uniform"
     # An exported model (`export_model`'s folder) to start from instead of random weights.
@@ -109,13 +112,14 @@ def make_scheduler():
     )
 
 
-def make_unet(channels: tuple[int, int, int] = ToyTrainingConfig.channels):
-    """UNet2DConditionModel on (3, 32, 32): block widths `channels`, cross-attention at 16x16
-    and 8x8 (down and up) and in the middle block, 4 heads, text width 64."""
+def make_unet(channels: tuple[int, int, int] = ToyTrainingConfig.channels, resolution: int = RESOLUTION):
+    """UNet2DConditionModel on (3, resolution, resolution), 32 for the shipped model: block
+    widths `channels`, cross-attention at 1/2 and 1/4 of the resolution (down and up) and in the
+    middle block, 4 heads, text width 64."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=RESOLUTION,
+        sample_size=resolution,
         in_channels=3,
         out_channels=3,
         layers_per_block=1,
@@ -348,10 +352,12 @@ def load_exported_weights(model_dir: Path, unet, text_encoder) -> None:
 
 
 def _load_or_build_dataset(work: Path, config: ToyTrainingConfig, progress: bool) -> ToyDataset:
-    path = work / f"dataset_v{DATASET_VERSION}_{config.dataset_size}_{RESOLUTION}_seed{config.seed}.pt"
+    path = work / f"dataset_v{DATASET_VERSION}_{config.dataset_size}_{config.resolution}_seed{config.seed}.pt"
     if path.is_file():
         return ToyDataset.load(path)
-    dataset = build_dataset(config.dataset_size, RESOLUTION, torch.Generator().manual_seed(config.seed), progress=progress)
+    dataset = build_dataset(
+        config.dataset_size, config.resolution, torch.Generator().manual_seed(config.seed), progress=progress
+    )
     dataset.save(path)
     return dataset
 
@@ -367,8 +373,8 @@ def train_toy_model(
     """Render (once, cached) the toy dataset, train the toy model, export it to out_dir/model.
 
     `config` defaults to the shipped model's settings. Resumes from out_dir/work/checkpoint.pt
-    when `resume` and the checkpoint's configuration is `config`. Writes loss.png, losses.json
-    and the sample grids (`save_samples`) next to the export. `num_threads` sets torch's CPU
+    when `resume`; a checkpoint of other settings stops it with a ToyWorldError before anything
+    is written. Writes loss.png, losses.json and the sample grids (`save_samples`) next to the export. `num_threads` sets torch's CPU
     threads (1 is fastest on a busy machine). `device`: where the model trains; every random
     draw stays on the CPU generator, so a GPU run follows the same data and noise. Returns the
     export's path."""
@@ -385,11 +391,36 @@ def train_toy_model(
         raise ToyWorldError(f"--sampling {config.sampling}: use one of {', '.join(SAMPLINGS)}")
     if config.init is not None and not Path(config.init).is_dir():
         raise ToyWorldError(f"--init {config.init}: no such folder")
+    # Two downsamplings, and 8 groups in every normalization layer.
+    if config.resolution < 8 or config.resolution % 4:
+        raise ToyWorldError(f"--resolution {config.resolution}: must be a multiple of 4, at least 8")
+    if len(config.channels) != 3 or any(c < 8 or c % 8 for c in config.channels):
+        raise ToyWorldError(
+            f"--channels {','.join(map(str, config.channels))}: give three block widths, each a multiple of 8"
+        )
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError:
+        raise ToyWorldError(f"--device {device}: not a device (cpu, cuda, cuda:1)") from None
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ToyWorldError(f"--device {device}: this machine has no CUDA device")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     steps, batch_size, seed = config.steps, config.batch_size, config.seed
     out_dir = Path(out_dir)
     work = out_dir / "work"
+    checkpoint_path = work / "checkpoint.pt"
+    state = None
+    if resume and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, weights_only=False, map_location=device)
+        # Fields added since the checkpoint was written count at their defaults, which it ran with.
+        saved = {**asdict(ToyTrainingConfig()), **state["config"]}
+        changed = [f"{k} {saved[k]!r} there, {v!r} here" for k, v in asdict(config).items() if saved[k] != v]
+        if changed:
+            raise ToyWorldError(
+                f"{checkpoint_path} is a run with other settings ({'; '.join(changed)}): give another --out, "
+                "or delete it to start over"
+            )
     work.mkdir(parents=True, exist_ok=True)
 
     dataset = _load_or_build_dataset(work, config, progress)
@@ -399,7 +430,8 @@ def train_toy_model(
     # Weight initialization draws from torch's global generator: seed it without leaking state.
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        unet, text_encoder = make_unet(config.channels).to(device), make_text_encoder(tokenizer).to(device)
+        unet = make_unet(config.channels, config.resolution).to(device)
+        text_encoder = make_text_encoder(tokenizer).to(device)
     if config.init is not None:
         load_exported_weights(Path(config.init), unet, text_encoder)
     weights = sampling_weights(dataset, config.sampling)
@@ -411,16 +443,13 @@ def train_toy_model(
     losses: list[float] = []
     start = 0
 
-    checkpoint_path = work / "checkpoint.pt"
-    if resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, weights_only=False, map_location=device)
-        if state["config"] == asdict(config):
-            for name, module in modules.items():
-                module.load_state_dict(state[name])
-            optimizer.load_state_dict(state["optimizer"])
-            ema = state["ema"]
-            generator.set_state(state["generator"].cpu())
-            losses, start = state["losses"], state["step"]
+    if state is not None:
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+        optimizer.load_state_dict(state["optimizer"])
+        ema = state["ema"]
+        generator.set_state(state["generator"].cpu())
+        losses, start = state["losses"], state["step"]
 
     def save_checkpoint(step: int) -> None:
         state = {name: module.state_dict() for name, module in modules.items()}
@@ -484,8 +513,19 @@ def model_size_bytes(model_dir: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
 
 
-def main(out_dir: str | Path, **settings) -> Path:
+def parse_channels(text: str) -> tuple[int, int, int]:
+    """--channels "48,96,96" -> (48, 96, 96): the UNet's three block widths."""
+    try:
+        channels = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise ToyWorldError(f"--channels {text}: give three block widths, e.g. 48,96,96") from None
+    if len(channels) != 3:
+        raise ToyWorldError(f"--channels {text}: give three block widths, e.g. 48,96,96")
+    return channels
+
+
+def main(out_dir: str | Path, device: str = "cpu", **settings) -> Path:
     """`xdreamer toy train`: train with the shipped model's settings except those given
-    (`ToyTrainingConfig` fields; None keeps the default)."""
+    (`ToyTrainingConfig` fields; None keeps the default), on `device`."""
     config = replace(ToyTrainingConfig(), **{k: v for k, v in settings.items() if v is not None})
-    return train_toy_model(out_dir, config)
+    return train_toy_model(out_dir, config, device=device)

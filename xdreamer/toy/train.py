@@ -374,10 +374,10 @@ def train_toy_model(
 
     `config` defaults to the shipped model's settings. Resumes from out_dir/work/checkpoint.pt
     when `resume`; a checkpoint of other settings stops it with a ToyWorldError before anything
-    is written. Writes loss.png, losses.json and the sample grids (`save_samples`) next to the export. `num_threads` sets torch's CPU
-    threads (1 is fastest on a busy machine). `device`: where the model trains; every random
-    draw stays on the CPU generator, so a GPU run follows the same data and noise. Returns the
-    export's path."""
+    is written. Writes loss.png, losses.json and the sample grids (`save_samples`) next to the
+    export. `num_threads` sets torch's CPU threads (1 is fastest on a busy machine). `device`:
+    where the model trains; every random draw stays on the CPU generator, so a GPU run follows
+    the same data and noise. Returns the export's path."""
     from tqdm import tqdm
 
     from xdreamer.guidance.tokenizer import build_clip_tokenizer

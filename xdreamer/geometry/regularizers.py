@@ -13,14 +13,27 @@ import torch.nn.functional as F
 from xdreamer.mesh import Mesh
 
 
+def undirected_edge_keys(edges: torch.Tensor, vertex_count: int) -> torch.Tensor:
+    """(E, 2) vertex pairs -> (E,) one int64 per undirected edge, ordered as the sorted pairs are
+    lexicographically: a 1-D sort or unique over these is many times faster on a CPU than
+    `torch.unique(..., dim=0)` over the pairs."""
+    ends = edges.sort(dim=1).values
+    return ends[:, 0] * vertex_count + ends[:, 1]
+
+
 def face_adjacency(faces: torch.Tensor) -> torch.Tensor:
-    """(F, 3) faces -> (P, 2) pairs of faces sharing an edge (edges with exactly two faces)."""
-    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(dim=1).values
+    """(F, 3) faces -> (P, 2) pairs of faces sharing an edge (edges with exactly two faces), in
+    the order of their edges' sorted vertex pairs."""
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    if edges.shape[0] == 0:
+        return torch.empty(0, 2, dtype=torch.int64, device=faces.device)
     face_of = torch.arange(faces.shape[0], device=faces.device).repeat(3)
-    _, inverse, counts = torch.unique(edges, dim=0, return_inverse=True, return_counts=True)
-    shared = counts[inverse] == 2
-    order = torch.argsort(inverse[shared], stable=True)
-    return face_of[shared][order].view(-1, 2)
+    key, order = undirected_edge_keys(edges, int(faces.max()) + 1).sort(stable=True)
+    # Runs of one key are the faces of one edge; keep the runs of exactly two.
+    starts = torch.cat([key.new_ones(1, dtype=torch.bool), key[1:] != key[:-1]]).nonzero().squeeze(1)
+    lengths = torch.diff(starts, append=starts.new_tensor([key.shape[0]]))
+    first = starts[lengths == 2]
+    return torch.stack([face_of[order[first]], face_of[order[first + 1]]], dim=-1)
 
 
 def normal_consistency(mesh: Mesh) -> torch.Tensor:
@@ -40,7 +53,10 @@ def laplacian_smoothness(mesh: Mesh) -> torch.Tensor:
     if faces.shape[0] == 0:
         return v.sum() * 0.0
     edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    edges = torch.unique(torch.cat([edges, edges.flip(1)]), dim=0)  # each direction once
+    count = v.shape[0]
+    key = undirected_edge_keys(edges, count).unique()  # each undirected edge once
+    ends = torch.stack([key // count, key % count], dim=-1)
+    edges = torch.cat([ends, ends.flip(1)])  # each direction once
     neighbour_sum = torch.zeros_like(v).index_add(0, edges[:, 0], v[edges[:, 1]])
     degree = torch.zeros(v.shape[0], device=v.device, dtype=v.dtype).index_add(
         0, edges[:, 0], torch.ones(edges.shape[0], device=v.device, dtype=v.dtype)
@@ -53,7 +69,9 @@ def laplacian_smoothness(mesh: Mesh) -> torch.Tensor:
 def tet_edges(tets: torch.Tensor) -> torch.Tensor:
     """(T, 4) tetrahedra -> (E, 2) their unique edges, smaller index first."""
     pairs = tets[:, [0, 0, 0, 1, 1, 2, 1, 2, 3, 2, 3, 3]].view(-1, 2, 6).permute(0, 2, 1).reshape(-1, 2)
-    return torch.unique(pairs.sort(dim=1).values, dim=0)
+    count = int(tets.max()) + 1
+    key = undirected_edge_keys(pairs, count).unique()
+    return torch.stack([key // count, key % count], dim=-1)
 
 
 def sdf_sign_regularizer(sdf: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:

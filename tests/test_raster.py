@@ -232,6 +232,42 @@ def test_antialias_leaves_interior_edges_and_constant_images_alone():
     assert torch.equal(antialias(flat, rast, pos, faces, backend="torch"), flat)
 
 
+def test_antialias_each_equals_one_call_per_image_in_values_and_gradients():
+    # A sphere from two cameras: a normal-like image and its mask, as the geometry pass draws them.
+    import trimesh
+
+    from xdreamer.render.camera import orbit_cameras
+    from xdreamer.render.raster import antialias_each
+
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    vertices = torch.tensor(sphere.vertices, dtype=torch.float32)
+    faces = torch.tensor(sphere.faces)
+    neighbors = edge_neighbors(faces)
+
+    def images_and_gradient(together: bool):
+        variable = vertices.clone().requires_grad_(True)
+        pos = torch.cat([variable, torch.ones_like(variable[:, :1])], -1) @ orbit_cameras(2).mvp().transpose(1, 2)
+        rast = rasterize(pos, faces, (40, 40), backend="torch")
+        shade = interpolate(variable * 0.5 + 0.5, rast, faces, backend="torch")
+        covered = (rast[..., 3:] > 0).float()
+        if together:
+            images = antialias_each([shade, covered], rast, pos, faces, "torch", neighbors)
+        else:
+            images = [antialias(image, rast, pos, faces, "torch", neighbors) for image in (shade, covered)]
+        weights = torch.linspace(-1, 1, 3), torch.tensor([2.0])
+        loss = sum((image * weight).sum() for image, weight in zip(images, weights))
+        (gradient,) = torch.autograd.grad(loss, variable)
+        return images, gradient
+
+    (shade, mask), gradient = images_and_gradient(True)
+    (shade_alone, mask_alone), gradient_alone = images_and_gradient(False)
+    assert torch.equal(shade, shade_alone) and torch.equal(mask, mask_alone)
+    assert torch.equal(gradient, gradient_alone)
+    # The silhouette is there to blend: some mask pixels are partial, the gradient is not zero.
+    assert int(((mask > 0.01) & (mask < 0.99)).sum()) > 50
+    assert float(gradient.abs().max()) > 0
+
+
 def test_edge_neighbors_of_a_closed_mesh():
     faces = torch.tensor([[0, 1, 2], [0, 2, 3], [0, 3, 1], [1, 3, 2]])  # a tetrahedron
     neighbors = edge_neighbors(faces)

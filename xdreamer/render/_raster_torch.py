@@ -218,6 +218,21 @@ def antialias(
     max_steps: int = 8,
 ) -> torch.Tensor:
     """color (B, H, W, C), rast (B, H, W, 4), pos_clip (B, V, 4) -> antialiased (B, H, W, C).
+    See `antialias_each`."""
+    return antialias_each([color], rast, pos_clip, faces, neighbors, max_steps)[0]
+
+
+def antialias_each(
+    colors: list[torch.Tensor],
+    rast: torch.Tensor,
+    pos_clip: torch.Tensor,
+    faces: torch.Tensor,
+    neighbors: torch.Tensor | None = None,
+    max_steps: int = 8,
+) -> list[torch.Tensor]:
+    """colors: images (B, H, W, C_i) of one rasterization -> each antialiased, exactly as its own
+    `antialias` call would give it (values and gradients), with the silhouette search, most of
+    the cost, done once.
 
     Laine et al. 2020: each horizontal or vertical pixel pair with different triangle ids is
     checked for a silhouette edge crossing the segment between the two pixel centres; the
@@ -229,7 +244,7 @@ def antialias(
     from the nearer triangle across front-to-front edges along the segment (at most `max_steps`
     triangles), so sliver triangles that cover no pixel centre, common near the silhouette of fine
     meshes, do not hide it."""
-    batch, height, width, channels = color.shape
+    batch, height, width = rast.shape[:3]
     if neighbors is None:
         neighbors = edge_neighbors(faces)
     plane = height * width
@@ -300,13 +315,18 @@ def antialias(
         ix, iy, ox, oy = ix[keep], iy[keep], ox[keep], oy[keep]
 
     corners = faces[face]
-    sx, sy, _ = _screen(_gather_vertices(pos_clip, image, corners), height, width)  # differentiable
-    at_inner, at_outer = _edge_values(sx, sy, *_edge_vectors(sx, sy), ix, iy, ox, oy)
-    at_inner, at_outer = at_inner.gather(1, exit_edge[:, None]), at_outer.gather(1, exit_edge[:, None])
-    t = (at_inner / (at_inner - at_outer)).clamp(0.0, 1.0).to(color.dtype)
-    flat = color.reshape(-1, channels)
-    c_in, c_out = flat[inner], flat[outer]
-    spills = t > 0.5  # the covering surface reaches into the outer pixel, else misses part of its own
-    target = torch.where(spills[:, 0], outer, inner)
-    delta = torch.where(spills, (t - 0.5) * (c_in - c_out), (0.5 - t) * (c_out - c_in))
-    return flat.index_add(0, target, delta).view(batch, height, width, channels)
+    results = []
+    for color in colors:
+        # The crossing points are recomputed per image, so that each image's gradient reaches
+        # pos_clip through its own graph, summed in the same order as separate calls sum it.
+        sx, sy, _ = _screen(_gather_vertices(pos_clip, image, corners), height, width)  # differentiable
+        at_inner, at_outer = _edge_values(sx, sy, *_edge_vectors(sx, sy), ix, iy, ox, oy)
+        at_inner, at_outer = at_inner.gather(1, exit_edge[:, None]), at_outer.gather(1, exit_edge[:, None])
+        t = (at_inner / (at_inner - at_outer)).clamp(0.0, 1.0).to(color.dtype)
+        flat = color.reshape(-1, color.shape[-1])
+        c_in, c_out = flat[inner], flat[outer]
+        spills = t > 0.5  # the covering surface reaches into the outer pixel, else misses part of its own
+        target = torch.where(spills[:, 0], outer, inner)
+        delta = torch.where(spills, (t - 0.5) * (c_in - c_out), (0.5 - t) * (c_out - c_in))
+        results.append(flat.index_add(0, target, delta).view(color.shape))
+    return results

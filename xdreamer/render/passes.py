@@ -6,7 +6,7 @@ import torch
 
 from xdreamer.mesh import Mesh
 from xdreamer.render.camera import Cameras
-from xdreamer.render.raster import Rasterizer, RasterError, antialias, edge_neighbors, interpolate, rasterize
+from xdreamer.render.raster import Rasterizer, RasterError, antialias_each, edge_neighbors, interpolate, rasterize
 
 
 def clip_positions(vertices: torch.Tensor, cameras: Cameras, resolution: tuple[int, int]) -> torch.Tensor:
@@ -51,8 +51,7 @@ def render_geometry(
     edge_pos = pos_clip
     if silhouette_weight != 1.0:  # pos + w (pos - pos) is pos exactly; its gradient is w times pos's
         edge_pos = pos_clip.detach() + silhouette_weight * (pos_clip - pos_clip.detach())
-    normal = antialias(normal, rast, edge_pos, mesh.faces, rasterizer, neighbors)
-    mask = antialias(covered, rast, edge_pos, mesh.faces, rasterizer, neighbors)
+    normal, mask = antialias_each([normal, covered], rast, edge_pos, mesh.faces, rasterizer, neighbors)
     # Clip-space w is the distance along the view axis for an OpenGL perspective projection.
     depth = interpolate(pos_clip[..., 3:4], rast, mesh.faces, rasterizer)[..., 0]
     return {"normal": normal, "mask": mask, "depth": depth, "rast": rast, "pos_clip": pos_clip}

@@ -118,10 +118,23 @@ class Rasterizer:
 
         `pos_clip` and `faces` must be the ones `rast` was made from; `neighbors` (torch backend
         only) is `edge_neighbors(faces)`, computed when not given."""
+        return self.antialias_each([color], rast, pos_clip, faces, neighbors)[0]
+
+    def antialias_each(
+        self,
+        colors: list[torch.Tensor],
+        rast: torch.Tensor,
+        pos_clip: torch.Tensor,
+        faces: torch.Tensor,
+        neighbors: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """colors: images (B, H, W, C_i) of one rasterization -> each antialiased, equal to its own
+        `antialias` call; the torch backend finds the silhouettes once for all of them."""
         pos_clip, faces = _batched(pos_clip, "pos_clip", 4), _faces(faces)
-        if self.backend_for(color.device) == "nvdiffrast":
-            return self._context(color.device).antialias(color, rast, pos_clip, faces)
-        return _raster_torch.antialias(color, rast, pos_clip, faces, neighbors)
+        if self.backend_for(pos_clip.device) == "nvdiffrast":
+            context = self._context(pos_clip.device)
+            return [context.antialias(color, rast, pos_clip, faces) for color in colors]
+        return _raster_torch.antialias_each(colors, rast, pos_clip, faces, neighbors)
 
 
 def _indexed(device: torch.device) -> torch.device:
@@ -170,6 +183,19 @@ def antialias(
     """color: (B, H, W, C) shaded image -> (B, H, W, C) with silhouettes antialiased; gradients
     reach `pos_clip` through the silhouette edges (Laine et al. 2020)."""
     return _rasterizer(backend).antialias(color, rast, pos_clip, faces, neighbors)
+
+
+def antialias_each(
+    colors: list[torch.Tensor],
+    rast: torch.Tensor,
+    pos_clip: torch.Tensor,
+    faces: torch.Tensor,
+    backend: str | Rasterizer = "auto",
+    neighbors: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """`antialias` of several images of one rasterization (e.g. a normal map and its mask), each
+    result equal to its own call; on the torch backend the silhouette search runs once."""
+    return _rasterizer(backend).antialias_each(colors, rast, pos_clip, faces, neighbors)
 
 
 def edge_neighbors(faces: torch.Tensor) -> torch.Tensor:

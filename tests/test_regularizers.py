@@ -61,9 +61,9 @@ def test_normal_consistency_is_zero_on_a_plane_and_one_minus_cosine_across_a_fol
     assert normal_consistency(Mesh(bent, faces)).item() == pytest.approx(1 - math.cos(angle), abs=1e-6)
 
 
-def test_laplacian_smoothness_is_zero_on_a_flat_grid_interior_and_known_at_a_raised_vertex():
-    # A 3x3 vertex grid with the centre raised by h: the centre is h above its 6 neighbours' mean
-    # (the triangulation gives it 6); each of those neighbours is h / degree above its own mean.
+def test_laplacian_smoothness_equals_a_brute_force_sum_on_a_grid_with_a_raised_vertex():
+    # A 3x3 vertex grid, two triangles per square, with the centre raised: the term is the mean
+    # squared offset of each vertex from the mean of its edge neighbours, counted here by hand.
     side = 3
     points = torch.tensor([[x, y, 0.0] for y in range(side) for x in range(side)])
     quads = [(y * side + x, y * side + x + 1, (y + 1) * side + x + 1, (y + 1) * side + x)
@@ -73,7 +73,6 @@ def test_laplacian_smoothness_is_zero_on_a_flat_grid_interior_and_known_at_a_rai
     centre = 4
     raised = points.clone()
     raised[centre, 2] = 0.5
-    # Boundary vertices are not at their neighbours' mean even when flat; the difference isolates h.
     neighbours = {v: set() for v in range(side * side)}
     for a, b, c in faces.tolist():
         for u, v in itertools.permutations((a, b, c), 2):

@@ -95,8 +95,13 @@ def test_generate_toy_end_to_end(tmp_path):
     result = generate(run)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "model.glb" in result.stdout and "turntable.mp4" in result.stdout
-    check_run_dir(run)
+    report = check_run_dir(run)
     assert (run / "checkpoints" / "cg_lora.safetensors").is_file()
+    # CPU results depend on the thread count: the report keeps the one the run had (the default
+    # of a process started as this one starts them).
+    threads = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             capture_output=True, text=True, check=True).stdout
+    assert report["cpu_threads"] == int(threads) >= 1
 
     # The run's asset through the other commands: re-export smaller, render its views.
     before = (run / "export" / "model.glb").read_bytes()

@@ -238,6 +238,9 @@ class Run:
             "model": self.cfg.model,
             "seed": self.cfg.seed,
             "device": str(self.device),
+            # CPU results depend on it at rounding level (a run is one draw of many; the same
+            # seed on another thread count is another draw): what it takes to reproduce a run.
+            "cpu_threads": torch.get_num_threads(),
             "status": status,
             "stage": s.stage,
             "step": s.step,

@@ -84,6 +84,14 @@ class Mesh:
         )
 
 
+def undirected_edge_keys(edges: torch.Tensor, vertex_count: int) -> torch.Tensor:
+    """(E, 2) vertex pairs -> (E,) one int64 per undirected edge, ordered as the sorted pairs are
+    lexicographically: a 1-D sort or unique over these is many times faster on a CPU than
+    `torch.unique(..., dim=0)` over the pairs."""
+    ends = edges.sort(dim=1).values
+    return ends[:, 0] * vertex_count + ends[:, 1]
+
+
 def load_mesh(path: str | Path, device: torch.device | str = "cpu") -> Mesh:
     """Read OBJ/PLY/STL/GLB/GLTF/OFF as one triangle mesh (scenes are flattened).
 

@@ -10,15 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from xdreamer.mesh import Mesh
-
-
-def undirected_edge_keys(edges: torch.Tensor, vertex_count: int) -> torch.Tensor:
-    """(E, 2) vertex pairs -> (E,) one int64 per undirected edge, ordered as the sorted pairs are
-    lexicographically: a 1-D sort or unique over these is many times faster on a CPU than
-    `torch.unique(..., dim=0)` over the pairs."""
-    ends = edges.sort(dim=1).values
-    return ends[:, 0] * vertex_count + ends[:, 1]
+from xdreamer.mesh import Mesh, undirected_edge_keys
 
 
 def face_adjacency(faces: torch.Tensor) -> torch.Tensor:

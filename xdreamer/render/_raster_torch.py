@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from xdreamer.mesh import undirected_edge_keys
+
 _EMPTY = torch.iinfo(torch.int64).max
 _ID_BITS = 0xFFFFFFFF
 
@@ -172,9 +174,7 @@ def edge_neighbors(faces: torch.Tensor) -> torch.Tensor:
     if count == 0:
         return torch.empty(0, 3, dtype=torch.int64, device=faces.device)
     ends = torch.stack([faces.roll(-1, dims=1), faces.roll(-2, dims=1)], dim=-1).reshape(-1, 2)
-    lo, hi = ends.amin(-1), ends.amax(-1)
-    key = lo * (int(faces.max()) + 1) + hi
-    key, order = key.sort(stable=True)
+    key, order = undirected_edge_keys(ends, int(faces.max()) + 1).sort(stable=True)
     same = (key[1:] == key[:-1]).nonzero().squeeze(1)
     neighbors = torch.full((count * 3,), -1, dtype=torch.int64, device=faces.device)
     first, second = order[same], order[same + 1]

@@ -148,6 +148,8 @@ def test_colours_tilt_and_prompt_parsing():
     assert parse_prompt("An orange torus, front view") == ("torus", "orange")
     with pytest.raises(ToyWorldError):
         parse_prompt("a red thing")
+    with pytest.raises(ToyWorldError, match="no fixed proportions"):
+        parse_prompt("a red box")
 
 
 # ----- statistics on synthetic scores ----------------------------------------------------------

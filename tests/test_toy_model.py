@@ -7,6 +7,7 @@ from xdreamer.render.light import default_environment
 from xdreamer.toy.dataset import ToyDataset, render_placed
 from xdreamer.toy.train import (
     CAPTION_DROPOUT,
+    DATASET_VERSION,
     VIEW_SUFFIX_PROBABILITY,
     ToyTrainingConfig,
     _lr_factor,
@@ -171,7 +172,7 @@ def test_trains_at_another_resolution_and_width_and_refuses_to_overwrite_its_che
                                channels=(16, 16, 32))
     model_dir = train_toy_model(tmp_path / "run", config, progress=False)
     work = tmp_path / "run" / "work"
-    dataset = ToyDataset.load(work / "dataset_v3_1_16_seed0.pt")
+    dataset = ToyDataset.load(work / f"dataset_v{DATASET_VERSION}_1_16_seed0.pt")
     assert tuple(dataset.images.shape) == (8, 16, 16, 3)  # 1 placement x 4 views x 2 modes
     assert len(json.loads((tmp_path / "run" / "losses.json").read_text())["losses"]) == 2
     # The guidance loads it and resizes renders to its resolution.
@@ -272,6 +273,37 @@ def test_init_loads_an_exported_model_and_refuses_another_architecture(tmp_path)
         load_exported_weights(tmp_path / "model", make_unet((16, 32, 32)), fresh_text_encoder)
     with pytest.raises(ToyWorldError, match="not an exported toy model"):
         load_exported_weights(tmp_path / "tok", fresh_unet, fresh_text_encoder)
+    # Without the tokenizer the text encoder must match in size too.
+    old_tokenizer = build_clip_tokenizer(tmp_path / "old", caption_words()[:-1])
+    with pytest.raises(ToyWorldError, match="not this configuration's architecture"):
+        load_exported_weights(tmp_path / "model", fresh_unet, make_text_encoder(old_tokenizer))
+
+
+def test_init_carries_each_token_embedding_into_a_larger_vocabulary(tmp_path):
+    # A model trained before a word was added (the vocabulary without "box") trains on in the
+    # world with it: every earlier caption encodes exactly as before, the new word starts fresh.
+    from xdreamer.guidance.tokenizer import build_clip_tokenizer
+    from xdreamer.toy.world import caption_words
+
+    old_tokenizer = build_clip_tokenizer(tmp_path / "old", caption_words()[:-1])
+    tokenizer = build_clip_tokenizer(tmp_path / "new", caption_words())
+    assert len(tokenizer) == len(old_tokenizer) + 2  # "bo" and "box</w>"
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        old = make_text_encoder(old_tokenizer)
+        torch.manual_seed(0)
+        new = make_text_encoder(tokenizer)
+    fresh_rows = new.state_dict()["embeddings.token_embedding.weight"].clone()
+    export_model(tmp_path / "model", make_unet(), old, tmp_path / "old", make_scheduler())
+    load_exported_weights(tmp_path / "model", make_unet(), new, tokenizer)
+    for text in ("", "a red cube, normal map", "an orange mug with a blue front, back view"):
+        ids_old = old_tokenizer(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        ids_new = tokenizer(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        assert not torch.equal(ids_old, ids_new)  # the end-of-text token moved
+        with torch.no_grad():
+            assert torch.equal(old(ids_old).last_hidden_state, new(ids_new).last_hidden_state)
+    box = tokenizer.convert_tokens_to_ids("box</w>")
+    assert torch.equal(new.state_dict()["embeddings.token_embedding.weight"][box], fresh_rows[box])
     # Bad settings stop the command before it writes anything.
     for config, message in (
         (ToyTrainingConfig(init=str(tmp_path / "missing")), "no such folder"),

@@ -15,8 +15,12 @@ from xdreamer.toy.dataset import (
     render_object,
     render_placed,
 )
+from xdreamer.toy.train import ToyTrainingConfig
 from xdreamer.toy.world import (
+    BOX_DEPTH,
+    BOX_HEIGHTS,
     COLOURS,
+    CONTRAST_SHAPES,
     FRONT_COLOURS,
     FRONT_SHAPES,
     FRONT_YAW_JITTER,
@@ -28,6 +32,7 @@ from xdreamer.toy.world import (
     ToyObject,
     ToyWorldError,
     caption,
+    box_stretch,
     caption_words,
     colour_difference,
     front_objects,
@@ -120,6 +125,7 @@ def test_each_caption_word_is_one_token(tmp_path):
         ",</w>", "back</w>", "view</w>",
     ]
     assert tokenizer.tokenize("a white mug") == ["a</w>", "white</w>", "mug</w>"]
+    assert tokenizer.tokenize("a gray box") == ["a</w>", "gray</w>", "box</w>"]
 
 
 def test_parse_caption_reads_back_every_caption():
@@ -155,7 +161,7 @@ def test_held_out_pairs_and_objects_never_reach_training(light):
     assert {s for s, _ in HELD_OUT} <= {s for s, _ in pairs}
     assert {c for _, c in HELD_OUT} <= {c for _, c in pairs}
     objects = training_objects()
-    assert len(objects) == 42 + 7 + 23 and not set(objects) & HELD_OUT_OBJECTS
+    assert len(objects) == 42 + 7 + 23 + 8 and not set(objects) & HELD_OUT_OBJECTS
     for held in HELD_OUT_OBJECTS:
         assert any(o.shape == held.shape and o.colour != held.colour for o in objects)
         assert any(o.colour == held.colour and o.shape != held.shape for o in objects)
@@ -186,9 +192,10 @@ def test_dataset_round_trip_and_views(tmp_path, light):
 
 
 def test_every_object_is_seen_from_above_one_placement_in_eight():
-    # The shipped dataset: 1440 placements of the 72 training objects (20 each). Dataset v2 counted
+    # The dataset: 1600 placements of the 80 training objects (20 each). Dataset v2 counted
     # placements only, so 9 objects (the red cube, the yellow torus, ...) got 20 of 20 from above.
-    objects, placements = 72, 1440
+    objects, placements = len(training_objects()), ToyTrainingConfig().dataset_size
+    assert placements == 20 * objects == 1600
     per_object = [0] * objects
     for i in range(placements):
         per_object[i % objects] += is_overhead(i, objects)
@@ -291,3 +298,41 @@ def test_downsample_is_the_guidance_loaders_resize():
     images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
     expected = guidance.encode_images(images)
     assert torch.equal(downsample(images, 16).permute(0, 3, 1, 2) * 2 - 1, expected)
+
+
+def test_a_box_is_a_cuboid_whose_sides_differ_from_a_cube():
+    # Its stretch keeps bounding radius 1: the corners of the canonical cube stay at distance 1.
+    stretch = torch.tensor(box_stretch(0.7, 0.8))
+    assert stretch[1] / stretch[0] == pytest.approx(0.7) and stretch[2] / stretch[0] == pytest.approx(0.8)
+    assert float(stretch.norm()) == pytest.approx(math.sqrt(3))
+    generator = torch.Generator().manual_seed(0)
+    heights, canonical = [], primitive_mesh("box")
+    assert torch.equal(canonical.vertices, primitive_mesh("cube").vertices)
+    for _ in range(200):
+        placement = sample_placement(generator, box=True)
+        placed = placement.apply(canonical)
+        extent = placed.vertices.max(0).values - placed.vertices.min(0).values
+        local = placed.vertices - torch.tensor(placement.offset)
+        assert float(local.norm(dim=-1).max()) == pytest.approx(placement.scale, rel=1e-5)
+        # to_local undoes the placement, stretch included.
+        assert torch.allclose(placement.to_local(placed.vertices), canonical.vertices, atol=1e-5)
+        height = placement.stretch[1] / placement.stretch[0]
+        assert float(extent[1]) == pytest.approx(2 * placement.scale * placement.stretch[1] / math.sqrt(3), rel=1e-5)
+        assert any(low - 1e-9 <= height <= high + 1e-9 for low, high in BOX_HEIGHTS)
+        assert BOX_DEPTH[0] - 1e-9 <= placement.stretch[2] / placement.stretch[0] <= BOX_DEPTH[1] + 1e-9
+        heights.append(height)
+    # Both sides of the cube, about half the time each; never within a fifth of it.
+    lower = sum(h < 1 for h in heights)
+    assert 80 <= lower <= 120 and min(abs(h - 1) for h in heights) >= 0.2
+    # Every other object keeps its proportions.
+    assert sample_placement(generator).stretch == (1.0, 1.0, 1.0)
+
+
+def test_boxes_are_trained_on_but_never_scored():
+    assert CONTRAST_SHAPES == ("box",) and "box" not in SHAPES + FRONT_SHAPES
+    boxes = [o for o in training_objects() if o.shape == "box"]
+    assert {o.colour for o in boxes} == set(COLOURS) and len(boxes) == len(COLOURS)
+    assert parse_caption("a gray box, normal map, side view") == ToyObject("box", "gray")
+    assert caption_words()[-1] == "box"  # added last: the earlier words keep their tokens' order
+    with pytest.raises(ToyWorldError, match="no fixed proportions"):
+        ground_truth_sdf("box", torch.zeros(1, 3))

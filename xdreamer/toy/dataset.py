@@ -25,6 +25,7 @@ from xdreamer.render.passes import render_geometry
 from xdreamer.render.shade import render_pbr, srgb_to_linear
 from xdreamer.toy.world import (
     COLOURS,
+    CONTRAST_SHAPES,
     FRONT_SHAPES,
     SHAPES,
     VIEWS,
@@ -35,7 +36,7 @@ from xdreamer.toy.world import (
     training_objects,
 )
 
-OBJECT_SHAPES = SHAPES + FRONT_SHAPES  # what ToyDataset.shape indexes
+OBJECT_SHAPES = SHAPES + FRONT_SHAPES + CONTRAST_SHAPES  # what ToyDataset.shape indexes
 
 ROUGHNESS_RANGE = (0.3, 0.9)
 # The paper's cameras stop at 45 degrees of elevation; a few higher views teach "overhead view",
@@ -192,7 +193,7 @@ def build_dataset(
     images, shapes, colours, fronts, views, normal_maps = [], [], [], [], [], []
     for i in tqdm(range(placements), desc="rendering toy dataset", disable=not progress):
         thing = objects[i % len(objects)]
-        placement = sample_placement(generator, facing=thing.has_front)
+        placement = sample_placement(generator, facing=thing.has_front, box=thing.shape in CONTRAST_SHAPES)
         sampling = OVERHEAD_SAMPLING if is_overhead(i, len(objects)) else CameraSampling()
         cameras = sample_cameras(views_per_placement, generator, sampling)
         roughness = ROUGHNESS_RANGE[0] + (ROUGHNESS_RANGE[1] - ROUGHNESS_RANGE[0]) * float(

@@ -29,6 +29,7 @@ from xdreamer.mesh import Mesh, load_mesh
 from xdreamer.toy.facing import sample_mesh, score_front_run
 from xdreamer.toy.world import (
     COLOURS,
+    CONTRAST_SHAPES,
     FRONT_SHAPES,
     HELD_OUT,
     HELD_OUT_OBJECTS,
@@ -77,8 +78,14 @@ _YAWS = np.deg2rad(np.arange(0.0, 90.0, 7.5))  # cube and pyramid repeat every 9
 
 def parse_prompt(prompt: str) -> tuple[str, str]:
     """'a red cube' -> ('cube', 'red'), 'a red cube with a blue front' -> ('cube', 'red'): the
-    shape and the body colour (see `toy.world.parse_caption`)."""
+    shape and the body colour (see `toy.world.parse_caption`). A box has no ground truth to
+    score against, so it is refused before any run."""
     thing = parse_caption(prompt)
+    if thing.shape in CONTRAST_SHAPES:
+        raise ToyWorldError(
+            f"toy prompt {prompt!r}: a {thing.shape} has no fixed proportions, so the benchmark cannot score it; "
+            f"ask for one of {', '.join(SHAPES + FRONT_SHAPES)}"
+        )
     return thing.shape, thing.colour
 
 

@@ -27,6 +27,7 @@ from xdreamer.guidance.loader import PIXEL_MODEL_INDEX
 from xdreamer.toy.dataset import ToyDataset, build_dataset
 from xdreamer.toy.world import (
     COLOURS,
+    CONTRAST_SHAPES,
     FRONT_SHAPES,
     HELD_OUT,
     HELD_OUT_OBJECTS,
@@ -44,19 +45,19 @@ CAPTION_DROPOUT = 0.1  # empty caption, for classifier-free guidance
 VIEW_SUFFIX_PROBABILITY = 0.75  # otherwise the caption has no ", front view" suffix
 # Bumped whenever the world or the rendering changes, so a cached dataset is never reused stale
 # (2: objects with a front, ", normal map" captions; 3: every object seen from above one time in
-# eight, `dataset.is_overhead`).
-DATASET_VERSION = 3
+# eight, `dataset.is_overhead`; 4: boxes, `world.CONTRAST_SHAPES`).
+DATASET_VERSION = 4
 
 
 @dataclass
 class ToyTrainingConfig:
-    """What a training run depends on; the defaults are the shipped model's settings (it was
-    trained on dataset v2; docs/toy_model.md, "Training")."""
+    """What a training run depends on; the defaults are the settings of the from-scratch model
+    that the shipped one was trained on from (on dataset v2; docs/toy_model.md, "Training")."""
 
     steps: int = 15000
     batch_size: int = 16
     seed: int = 0
-    dataset_size: int = 1440  # placements (20 per training object); each gives 4 views x 2 modes
+    dataset_size: int = 1600  # placements (20 per training object); each gives 4 views x 2 modes
     lr: float = 1e-3
     warmup: int = 100
     ema_decay: float = 0.999
@@ -79,11 +80,11 @@ def sampling_weights(dataset: ToyDataset, sampling: str) -> torch.Tensor | None:
     """Per-image probabilities (N,) of being drawn into a batch, or None for uniform draws.
 
     "shapes": every kind of thing an image shows gets the same share of each mode. The dataset
-    cycles through the training objects, and 30 of its 72 are cubes (7 plain, 23 with a front),
-    so under uniform draws 42 % of the normal maps are cubes and 10 % pyramids. A normal map
+    cycles through the training objects, and 30 of its 80 are cubes (7 plain, 23 with a front),
+    so under uniform draws 38 % of the normal maps are cubes and 9 % pyramids. A normal map
     does not show colour, so a cube with a front is a cube there: normal maps are balanced over
-    the 7 shapes (mug included). Shaded renders show the front, so the cubes with a front are a
-    kind of their own there: shaded renders are balanced over 8 kinds."""
+    the shapes (mug and box included). Shaded renders show the front, so the cubes with a front
+    are a kind of their own there."""
     if sampling == "uniform":
         return None
     if sampling != "shapes":
@@ -293,12 +294,17 @@ def save_sample_grid(path: Path, images: torch.Tensor, rows: int, columns: int, 
         image.save(tmp)
 
 
+def grid_shapes(normal_map: bool = False) -> tuple[str, ...]:
+    """The rows of `grid_captions`."""
+    return SHAPES + CONTRAST_SHAPES + (FRONT_SHAPES if normal_map else ())
+
+
 def grid_captions(samples_per_pair: int = 1, normal_map: bool = False) -> tuple[list[str], list[int]]:
-    """Captions for the sample grid: one row per shape (the mug last when `normal_map`),
-    `samples_per_pair` columns per colour (held-out pairs included), and the indices of the
-    held-out cells. `normal_map` asks for the normal-map mode (", normal map")."""
+    """Captions for the sample grid: one row per shape, the box after the primitives (the mug
+    last when `normal_map`), `samples_per_pair` columns per colour (held-out pairs included), and
+    the indices of the held-out cells. `normal_map` asks for the normal-map mode (", normal map")."""
     captions, held_out = [], []
-    for shape in SHAPES + (FRONT_SHAPES if normal_map else ()):
+    for shape in grid_shapes(normal_map):
         for colour in COLOURS:
             for _ in range(samples_per_pair):
                 if (shape, colour) in HELD_OUT or ToyObject(shape, colour) in HELD_OUT_OBJECTS:
@@ -325,8 +331,8 @@ def save_samples(out_dir: Path, unet, text_encoder, tokenizer, scheduler, seed: 
     samples_front.png (objects with a front from the front, side and back): one DDIM sample
     (25 steps, guidance 4, `seed`) per caption, held-out cells framed in white."""
     grids = {
-        "samples.png": (grid_captions(), len(SHAPES)),
-        "samples_normal.png": (grid_captions(normal_map=True), len(SHAPES) + len(FRONT_SHAPES)),
+        "samples.png": (grid_captions(), len(grid_shapes())),
+        "samples_normal.png": (grid_captions(normal_map=True), len(grid_shapes(normal_map=True))),
         "samples_front.png": (front_grid_captions(), 3),
     }
     for name, ((captions, held_out), rows) in grids.items():
@@ -334,9 +340,29 @@ def save_samples(out_dir: Path, unet, text_encoder, tokenizer, scheduler, seed: 
         save_sample_grid(out_dir / name, images, rows, len(captions) // rows, held_out)
 
 
-def load_exported_weights(model_dir: Path, unet, text_encoder) -> None:
+TOKEN_EMBEDDING = "embeddings.token_embedding.weight"  # in CLIPTextModel's state_dict
+
+
+def carry_token_embeddings(state: dict[str, torch.Tensor], old_vocab: dict[str, int], new_vocab: dict[str, int],
+                           fresh: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A text encoder's weights `state` with its token embedding (len(old_vocab), D) re-indexed
+    for `new_vocab` (token -> id): each token keeps its row, tokens new to the vocabulary take
+    their row of `fresh` (len(new_vocab), D), the new model's own initialization."""
+    old = state[TOKEN_EMBEDDING]
+    rows = fresh.clone()
+    for token, index in new_vocab.items():
+        if token in old_vocab:
+            rows[index] = old[old_vocab[token]]
+    return {**state, TOKEN_EMBEDDING: rows}
+
+
+def load_exported_weights(model_dir: Path, unet, text_encoder, tokenizer=None) -> None:
     """Load an exported toy model's UNet and text encoder weights (safetensors) into `unet` and
-    `text_encoder`, which must have its architecture."""
+    `text_encoder`, which must have its architecture. Given the `tokenizer` being trained with,
+    the token embedding is matched to it by token (`carry_token_embeddings`), so a world with a
+    new caption word trains on from a model that did not know it."""
+    import json
+
     from safetensors.torch import load_file
 
     files = {"unet": model_dir / "unet" / "diffusion_pytorch_model.safetensors",
@@ -346,6 +372,11 @@ def load_exported_weights(model_dir: Path, unet, text_encoder) -> None:
             raise ToyWorldError(f"--init {model_dir}: not an exported toy model (no {files[name].relative_to(model_dir)})")
         state = load_file(files[name])
         own = module.state_dict()
+        vocab_file = model_dir / "tokenizer" / "vocab.json"
+        if name == "text_encoder" and tokenizer is not None and vocab_file.is_file() and TOKEN_EMBEDDING in state:
+            old_vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+            if len(old_vocab) == state[TOKEN_EMBEDDING].shape[0]:
+                state = carry_token_embeddings(state, old_vocab, tokenizer.get_vocab(), own[TOKEN_EMBEDDING])
         if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
             raise ToyWorldError(f"--init {model_dir}: its {name} is not this configuration's architecture")
         module.load_state_dict(state)
@@ -433,7 +464,7 @@ def train_toy_model(
         unet = make_unet(config.channels, config.resolution).to(device)
         text_encoder = make_text_encoder(tokenizer).to(device)
     if config.init is not None:
-        load_exported_weights(Path(config.init), unet, text_encoder)
+        load_exported_weights(Path(config.init), unet, text_encoder, tokenizer)
     weights = sampling_weights(dataset, config.sampling)
     modules = {"unet": unet, "text_encoder": text_encoder}
     parameters = [p for m in modules.values() for p in m.parameters()]

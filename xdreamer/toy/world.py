@@ -25,6 +25,10 @@ from xdreamer.mesh import Mesh
 SHAPES: tuple[str, ...] = ("sphere", "cube", "cylinder", "cone", "torus", "pyramid")
 # Shapes with a front (+z): placed facing the front camera, never turned at random.
 FRONT_SHAPES: tuple[str, ...] = ("mug",)
+# Shapes the model learns only so that its other words mean what they say: a "box" is a cuboid
+# whose sides differ (drawn per placement, `sample_placement`), so "cube" comes to mean equal
+# sides. A box has no fixed proportions, so it has no ground truth and is never scored.
+CONTRAST_SHAPES: tuple[str, ...] = ("box",)
 
 # sRGB base colours in [0, 1]; shading uses srgb_to_linear of these.
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -59,6 +63,10 @@ VIEWS: tuple[str, ...] = ("front", "side", "back", "overhead")
 
 SIZE_RANGE = (0.6, 0.85)  # bounding radius of a placed object
 PLACEMENT_JITTER = 0.05  # max offset of its centre along each axis
+# A box's height over its width: lower or higher than a cube by at least a fifth, so that at the
+# toy model's 32x32 pixels the difference spans a few pixels; its depth over its width.
+BOX_HEIGHTS = ((0.6, 0.8), (1.25, 1.5))
+BOX_DEPTH = (0.6, 1.0)
 FRONT_YAW_JITTER = math.radians(10.0)  # objects with a front turn at most this far from +z
 
 _SEGMENTS = 48  # around the axis of revolved shapes
@@ -77,8 +85,8 @@ class ToyWorldError(ValueError):
 
 
 def _check(shape: str | None = None, colour: str | None = None, view: str | None = None) -> None:
-    if shape is not None and shape not in SHAPES + FRONT_SHAPES:
-        raise ToyWorldError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES + FRONT_SHAPES)}")
+    if shape is not None and shape not in SHAPES + FRONT_SHAPES + CONTRAST_SHAPES:
+        raise ToyWorldError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES + FRONT_SHAPES + CONTRAST_SHAPES)}")
     if colour is not None and colour not in COLOURS:
         raise ToyWorldError(f"unknown colour {colour!r}; choose one of {', '.join(COLOURS)}")
     if view is not None and view not in VIEWS:
@@ -104,8 +112,9 @@ def caption(shape: str, colour: str, view: str | None = None, front: str | None 
 
 
 def caption_words() -> list[str]:
-    """Every word a toy caption can contain, for a tokenizer that keeps each one whole."""
-    return ["a", "an", *COLOURS, *SHAPES, *FRONT_SHAPES, *VIEWS, "view", "with", "normal", "map", ","]
+    """Every word a toy caption can contain, for a tokenizer that keeps each one whole (words
+    added to the world come last, so the tokens of the earlier ones keep their order)."""
+    return ["a", "an", *COLOURS, *SHAPES, *FRONT_SHAPES, *VIEWS, "view", "with", "normal", "map", ",", *CONTRAST_SHAPES]
 
 
 def training_pairs() -> list[tuple[str, str]]:
@@ -186,9 +195,10 @@ def front_objects() -> list[ToyObject]:
 
 def training_objects() -> list[ToyObject]:
     """What the toy model sees: the 42 primitive pairs, then the objects with a front minus
-    `HELD_OUT_OBJECTS` (7 mugs, 23 cubes with a front)."""
+    `HELD_OUT_OBJECTS` (7 mugs, 23 cubes with a front), then a box in every colour (80 in all)."""
     plain = [ToyObject(s, c) for s, c in training_pairs()]
-    return plain + [o for o in front_objects() if o not in HELD_OUT_OBJECTS]
+    boxes = [ToyObject(s, c) for s in CONTRAST_SHAPES for c in COLOURS]
+    return plain + [o for o in front_objects() if o not in HELD_OUT_OBJECTS] + boxes
 
 
 def parse_caption(text: str) -> ToyObject:
@@ -196,7 +206,7 @@ def parse_caption(text: str) -> ToyObject:
     a blue front, front view" -> ToyObject("cube", "red", "blue"); view words and ", normal map"
     are ignored. Raises ToyWorldError unless the text names one shape and its colour(s)."""
     words = re.findall(r"[a-z]+", text.lower())
-    shapes = [w for w in words if w in SHAPES + FRONT_SHAPES]
+    shapes = [w for w in words if w in SHAPES + FRONT_SHAPES + CONTRAST_SHAPES]
     colours = [w for w in words if w in COLOURS]
     fronts = [words[i - 1] for i, w in enumerate(words) if w == "front" and i > 0 and words[i - 1] in COLOURS]
     body = [c for c in colours if c not in fronts] if fronts else colours
@@ -336,7 +346,7 @@ def _raw_primitive(shape: str) -> tuple[np.ndarray, np.ndarray]:
 
         sphere = trimesh.creation.icosphere(subdivisions=3)
         return np.asarray(sphere.vertices), np.asarray(sphere.faces)
-    if shape == "cube":
+    if shape in ("cube", "box"):  # a box is the cube until its placement sets its sides
         return _cube()
     if shape == "cylinder":
         return _assemble([(_tube, 0.5, 0.5, 0.0, 1.0), (_cap, 0.5, 1.0, True), (_cap, 0.5, 0.0, False)])
@@ -385,6 +395,9 @@ def ground_truth_sdf(shape: str, points: torch.Tensor) -> torch.Tensor:
     """Signed distance from `points` (N, 3) to the canonical primitive, negative inside: (N,)."""
     import igl
 
+    if shape in CONTRAST_SHAPES:
+        raise ToyWorldError(f"a {shape} has no fixed proportions, so no ground truth to score against")
+
     mesh = primitive_mesh(shape)
     distance, *_ = igl.signed_distance(
         points.detach().cpu().double().numpy(),
@@ -398,11 +411,13 @@ def ground_truth_sdf(shape: str, points: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Placement:
     """Where a primitive sits in a scene: uniform scale (its bounding radius), rotation about +y
-    in radians, and the offset (3,) of its centre."""
+    in radians, the offset (3,) of its centre, and `stretch` (3,), the factors along x, y, z of
+    the canonical shape applied first (all 1 but for a box; they keep its bounding radius 1)."""
 
     scale: float
     rotation: float
     offset: tuple[float, float, float]
+    stretch: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def _rotation(self, like: torch.Tensor) -> torch.Tensor:
         c, s = math.cos(self.rotation), math.sin(self.rotation)
@@ -411,19 +426,35 @@ class Placement:
     def apply(self, mesh: Mesh) -> Mesh:
         rotation = self._rotation(mesh.vertices)
         offset = torch.tensor(self.offset, dtype=mesh.vertices.dtype, device=mesh.device)
-        return Mesh(vertices=self.scale * mesh.vertices @ rotation.T + offset, faces=mesh.faces)
+        stretch = torch.tensor(self.stretch, dtype=mesh.vertices.dtype, device=mesh.device)
+        return Mesh(vertices=self.scale * (mesh.vertices * stretch) @ rotation.T + offset, faces=mesh.faces)
 
     def to_local(self, points: torch.Tensor) -> torch.Tensor:
         """World points (N, 3) of a placed mesh -> the same points on the canonical mesh."""
         offset = torch.tensor(self.offset, dtype=points.dtype, device=points.device)
-        return (points - offset) @ self._rotation(points) / self.scale
+        stretch = torch.tensor(self.stretch, dtype=points.dtype, device=points.device)
+        return (points - offset) @ self._rotation(points) / self.scale / stretch
 
 
-def sample_placement(generator: torch.Generator, facing: bool = False) -> Placement:
+def box_stretch(height: float, depth: float) -> tuple[float, float, float]:
+    """`Placement.stretch` of a box `height` and `depth` times as long as it is wide, scaled so
+    that the stretched canonical cube (corners at distance 1) keeps bounding radius 1."""
+    norm = math.sqrt((1.0 + height**2 + depth**2) / 3.0)
+    return (1.0 / norm, height / norm, depth / norm)
+
+
+def sample_placement(generator: torch.Generator, facing: bool = False, box: bool = False) -> Placement:
     """A random size in `SIZE_RANGE`, rotation about +y and offset up to `PLACEMENT_JITTER`; a
-    `facing` object (one with a front) turns at most `FRONT_YAW_JITTER` away from +z."""
+    `facing` object (one with a front) turns at most `FRONT_YAW_JITTER` away from +z. A `box`
+    draws its sides too: its height from one of `BOX_HEIGHTS` (each half the time), its depth
+    from `BOX_DEPTH`, both over its width."""
     u = torch.rand(5, generator=generator, dtype=torch.float64).tolist()
     scale = SIZE_RANGE[0] + (SIZE_RANGE[1] - SIZE_RANGE[0]) * u[0]
     offset = tuple(PLACEMENT_JITTER * (2 * x - 1) for x in u[2:5])
     rotation = FRONT_YAW_JITTER * (2 * u[1] - 1) if facing else 2 * math.pi * u[1]
-    return Placement(scale=scale, rotation=rotation, offset=offset)
+    stretch = (1.0, 1.0, 1.0)
+    if box:
+        which, h, d = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
+        low, high = BOX_HEIGHTS[int(which < 0.5)]
+        stretch = box_stretch(low + (high - low) * h, BOX_DEPTH[0] + (BOX_DEPTH[1] - BOX_DEPTH[0]) * d)
+    return Placement(scale=scale, rotation=rotation, offset=offset, stretch=stretch)

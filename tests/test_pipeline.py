@@ -111,15 +111,18 @@ def test_generate_toy_end_to_end(tmp_path):
     texture = list(scene.geometry.values())[0].visual.material.baseColorTexture
     assert np.asarray(texture).shape[:2] == (32, 32) and (run / "export" / "model.glb").read_bytes() != before
     # Re-exported lighter: the GLB has at most the faces asked for, the full mesh stays in geometry/.
+    # (Two thirds: this tiny mesh cannot be halved without changing its pieces, genus or winding, which the export
+    # refuses, keeping every face.)
     assert None not in json.loads((run / "report.json").read_text())["mesh"]["genus"]  # closed, so it can be
     full = trimesh.load(run / "geometry" / "mesh.ply", process=False).faces.shape[0]
-    result = cli("export", str(run), "--format", "glb", "--texture-size", "32", "--max-faces", str(full // 2))
+    target = full * 2 // 3
+    result = cli("export", str(run), "--format", "glb", "--texture-size", "32", "--max-faces", str(target))
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"of {full:,} faces exported" in result.stdout
     glb = list(trimesh.load(run / "export" / "model.glb").geometry.values())[0]
     export = json.loads((run / "report.json").read_text())["export"]
     assert export == {"faces": full, "exported_faces": export["exported_faces"], "skipped": None, "simplified": True}
-    assert full // 3 < export["exported_faces"] <= full // 2 and glb.faces.shape[0] == export["exported_faces"]
+    assert full // 2 < export["exported_faces"] <= target and glb.faces.shape[0] == export["exported_faces"]
     assert trimesh.load(run / "geometry" / "mesh.ply", process=False).faces.shape[0] == full
     views = tmp_path / "views"
     result = cli("render", str(run), "--out", str(views), "--views", "2", "--resolution", "32")
@@ -517,14 +520,16 @@ def test_base_colour_range_reaches_the_baked_texture(tmp_path):
 
 def test_bound_radius_confines_the_mesh(tmp_path):
     """geometry.bound_radius reaches the stage's geometry: a tiny run's rough 20-step fit of a
-    0.3-radius ball overshoots to 0.56 without it; bounded at 0.32 no vertex is farther than the
-    bound plus the largest vertex offset (1 / grid_resolution world units). With the default 6
-    octaves: with the toy preset's 5, 20 steps do not fit a ball this small at grid 16 at all."""
+    0.3-radius ball, at 5x the toy preset's geometry learning rate, overshoots to 0.55 without it
+    (the toy model of 2026-11-29 hardly moves it at the preset's own rate: 0.33); bounded at 0.32
+    no vertex is farther than the bound plus the largest vertex offset (1 / grid_resolution world
+    units). With the default 6 octaves: with the toy preset's 5, 20 steps do not fit a ball this
+    small at grid 16 at all."""
     from xdreamer.mesh import load_mesh
 
     radii = {}
     for name, extra in [("free", []), ("bounded", ["geometry.bound_radius=0.32"])]:
-        result = generate(tmp_path / name, "init.radii=[0.3,0.3,0.3]", *ELLIPSOID_SIX_OCTAVES, *extra)
+        result = generate(tmp_path / name, "init.radii=[0.3,0.3,0.3]", "geometry.lr=0.005", *ELLIPSOID_SIX_OCTAVES, *extra)
         assert result.returncode == 0, result.stderr[-2000:]
         radii[name] = load_mesh(tmp_path / name / "geometry" / "mesh.ply").vertices.norm(dim=-1).max().item()
     assert radii["free"] > 0.45

@@ -26,8 +26,7 @@ from xdreamer.render.shade import render_pbr, srgb_to_linear
 from xdreamer.toy.world import (
     COLOURS,
     CONTRAST_SHAPES,
-    FRONT_SHAPES,
-    SHAPES,
+    OBJECT_SHAPES,
     VIEWS,
     Placement,
     ToyObject,
@@ -36,7 +35,6 @@ from xdreamer.toy.world import (
     training_objects,
 )
 
-OBJECT_SHAPES = SHAPES + FRONT_SHAPES + CONTRAST_SHAPES  # what ToyDataset.shape indexes
 
 ROUGHNESS_RANGE = (0.3, 0.9)
 # The paper's cameras stop at 45 degrees of elevation; a few higher views teach "overhead view",

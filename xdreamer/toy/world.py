@@ -29,6 +29,8 @@ FRONT_SHAPES: tuple[str, ...] = ("mug",)
 # whose sides differ (drawn per placement, `sample_placement`), so "cube" comes to mean equal
 # sides. A box has no fixed proportions, so it has no ground truth and is never scored.
 CONTRAST_SHAPES: tuple[str, ...] = ("box",)
+# Every shape the world has, in this order (the training data indexes it).
+OBJECT_SHAPES: tuple[str, ...] = SHAPES + FRONT_SHAPES + CONTRAST_SHAPES
 
 # sRGB base colours in [0, 1]; shading uses srgb_to_linear of these.
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -85,8 +87,8 @@ class ToyWorldError(ValueError):
 
 
 def _check(shape: str | None = None, colour: str | None = None, view: str | None = None) -> None:
-    if shape is not None and shape not in SHAPES + FRONT_SHAPES + CONTRAST_SHAPES:
-        raise ToyWorldError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES + FRONT_SHAPES + CONTRAST_SHAPES)}")
+    if shape is not None and shape not in OBJECT_SHAPES:
+        raise ToyWorldError(f"unknown shape {shape!r}; choose one of {', '.join(OBJECT_SHAPES)}")
     if colour is not None and colour not in COLOURS:
         raise ToyWorldError(f"unknown colour {colour!r}; choose one of {', '.join(COLOURS)}")
     if view is not None and view not in VIEWS:
@@ -206,7 +208,7 @@ def parse_caption(text: str) -> ToyObject:
     a blue front, front view" -> ToyObject("cube", "red", "blue"); view words and ", normal map"
     are ignored. Raises ToyWorldError unless the text names one shape and its colour(s)."""
     words = re.findall(r"[a-z]+", text.lower())
-    shapes = [w for w in words if w in SHAPES + FRONT_SHAPES + CONTRAST_SHAPES]
+    shapes = [w for w in words if w in OBJECT_SHAPES]
     colours = [w for w in words if w in COLOURS]
     fronts = [words[i - 1] for i, w in enumerate(words) if w == "front" and i > 0 and words[i - 1] in COLOURS]
     body = [c for c in colours if c not in fronts] if fronts else colours

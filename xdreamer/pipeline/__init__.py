@@ -147,6 +147,19 @@ def generate_from_cli(args) -> int:
     return generate(cfg, out, overwrite=args.overwrite)
 
 
+def _take_recorded_threads(state: dict, device: torch.device, announce: bool) -> None:
+    """On a CPU, continue with the thread count the checkpoint was written with: the same seed on
+    another count is another draw (sums are split differently), so only it resumes exactly.
+    Checkpoints from before the count was recorded keep this process's."""
+    threads = state.get("cpu_threads")
+    if device.type != "cpu" or threads is None or threads == torch.get_num_threads():
+        return
+    if announce:
+        print(f"xdreamer: using {threads} CPU threads as the run did (this process started with "
+              f"{torch.get_num_threads()}): on another count the same seed is another draw")
+    torch.set_num_threads(int(threads))
+
+
 def _open_existing(run_dir: Path) -> tuple[Run, dict | None, RunLock]:
     """A run directory's Run with its latest checkpoint loaded, under its lock."""
     paths = open_run(run_dir)
@@ -165,6 +178,7 @@ def _open_existing(run_dir: Path) -> tuple[Run, dict | None, RunLock]:
         state = run.latest_checkpoint()
         if state is not None:
             run.check_compatible(state)
+            _take_recorded_threads(state, device, dp.is_main)
             run.load_state_dict(state)
             run.apply_edited_learning_rates(state)
     except BaseException:

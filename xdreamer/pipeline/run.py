@@ -97,6 +97,8 @@ class Run:
             "generator": self.generator.get_state(),
             "loss_scaler": self.scaler.state_dict(),
             "guide": self.guide.state_dict(),
+            # A CPU run's numbers depend on its thread count: a resume takes the same one.
+            "cpu_threads": torch.get_num_threads(),
             **self.geometry.state_dict(),
         }
         if self.appearance is not None:

@@ -167,7 +167,7 @@ def test_kill_and_resume_gives_the_same_asset(tmp_path):
 
     result = cli("resume", str(killed), threads=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "using 1 CPU threads as the run did (this process started with 2)" in result.stdout
+    assert "using 1 CPU thread as the run did (this process started with 2)" in result.stdout
     assert check_run_dir(killed)["cpu_threads"] == 1
     a, b = asset_arrays(reference), asset_arrays(killed)
     assert a.keys() == b.keys() and len(a) >= 5

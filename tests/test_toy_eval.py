@@ -37,6 +37,7 @@ from xdreamer.toy.eval import (
     score_run,
     sign_test,
     summarize,
+    surface_angle,
     uv_coverage,
     wilson_interval,
     write_results,
@@ -80,6 +81,20 @@ def test_known_assets_score_right(tmp_path, shape, colour):
     assert score.metallic == 0.0
     # An unperturbed normal map: 8-bit (128, 128, 255) is the nearest to +z, 0.32 degrees off.
     assert score.normal_tilt == pytest.approx(math.degrees(math.atan(math.hypot(1, 1) / 255)), abs=1e-3)
+    # The primitive's own faces, placed and turned: off only by the yaw search's step.
+    assert score.surface_angle < 1.0, score.surface_angle
+
+
+@pytest.mark.parametrize("shape", ["cube", "pyramid", "sphere", "cylinder", "cone", "torus"])
+def test_surface_angle_is_zero_on_the_primitive_and_grows_with_a_turn(shape):
+    mesh = primitive_mesh(shape)
+    assert surface_angle(mesh, shape, 0.0) == pytest.approx(0.0, abs=1e-6)
+    if shape in ("cube", "pyramid"):
+        # Against the primitive turned by a wrong yaw the side faces alone (2/3 of a cube's area)
+        # are off by the turn; near the edges the truth's normal turns further.
+        angles = [surface_angle(mesh, shape, math.radians(degrees)) for degrees in (2, 5, 10)]
+        assert angles[0] < angles[1] < angles[2]
+        assert angles[2] > 10 * 2 / 3
 
 
 def test_baked_metallic_and_normal_tilt_are_read_from_the_covered_texels(tmp_path):

@@ -155,8 +155,8 @@ def _take_recorded_threads(state: dict, device: torch.device, announce: bool) ->
     if device.type != "cpu" or threads is None or threads == torch.get_num_threads():
         return
     if announce:
-        print(f"xdreamer: using {threads} CPU threads as the run did (this process started with "
-              f"{torch.get_num_threads()}): on another count the same seed is another draw")
+        print(f"xdreamer: using {threads} CPU thread{'s' if threads != 1 else ''} as the run did (this process "
+              f"started with {torch.get_num_threads()}): on another count the same seed is another draw")
     torch.set_num_threads(int(threads))
 
 

@@ -1,7 +1,8 @@
 """The toy-world benchmark: generate each prompt (once per seed), then score the asset against the
 prompt's ground truth — the shape (nearest primitive by Chamfer distance), the colour (named colour
-nearest the mean baked albedo in CIELAB) and the volumetric IoU with the prompted primitive — and
-what a user sees in a viewer: connected pieces and genus of the mesh, the CIELAB ΔE of the baked
+nearest the mean baked albedo in CIELAB), the volumetric IoU with the prompted primitive and how far
+its faces turn from the primitive's (`surface_angle`: waves, ribs, rounded edges) — and what a user
+sees in a viewer: connected pieces and genus of the mesh, the CIELAB ΔE of the baked
 albedo from the world's colour, the mean baked metallic (the world has none) and the mean tilt of
 the baked normal map. Per ablation: means with 95 % intervals, and a paired comparison with "full";
 `comparison_table` compares two benchmarks the same way, run by run (`xdreamer toy compare`).
@@ -113,6 +114,29 @@ def shape_distances(mesh: Mesh, samples: int = 3000) -> dict[str, tuple[float, f
     return result
 
 
+def surface_angle(mesh: Mesh, shape: str, yaw: float) -> float:
+    """How far the surface's faces turn from the primitive's: the area-weighted mean angle in
+    degrees between each face's normal of the normalized `mesh` and the ground truth's normal
+    (its signed distance's gradient, by central differences) at the face's centre, the primitive
+    turned by `yaw`. 0 for the primitive's own flat faces; waves, ribs and rounded edges raise it."""
+    normalized = normalize_mesh(mesh)
+    vertices = normalized.vertices.detach().double().cpu().numpy()
+    corners = vertices[normalized.faces.cpu().numpy()]  # (F, 3, 3)
+    cross = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    area = np.linalg.norm(cross, axis=1)
+    keep = area > 0
+    normals, centres = cross[keep] / area[keep, None], _yaw(corners[keep].mean(axis=1), -yaw)
+    step = 1e-4
+    gradient = np.stack([
+        (ground_truth_sdf(shape, torch.as_tensor(centres + offset)) - ground_truth_sdf(shape, torch.as_tensor(centres - offset))).numpy()
+        for offset in np.eye(3) * step
+    ], axis=1) / (2 * step)
+    truth = _yaw(gradient, yaw)
+    truth /= np.maximum(np.linalg.norm(truth, axis=1, keepdims=True), 1e-12)
+    angles = np.degrees(np.arccos(np.clip((normals * truth).sum(axis=1), -1.0, 1.0)))
+    return float((angles * area[keep]).sum() / area[keep].sum())
+
+
 def uv_coverage(uvs: torch.Tensor, faces: torch.Tensor, size: int) -> torch.Tensor:
     """(S, S) bool: the texels the UV charts cover, as `bake_textures` rasterizes them (texel
     centres inside a triangle). uvs: (V, 2) glTF orientation; faces: (F, 3)."""
@@ -200,6 +224,9 @@ class Score:
     normal_tilt: float | None  # mean degrees over covered texels
     seconds: float
     front: dict | None = None  # `toy.facing.FrontCount.to_dict()` for an object with a front
+    # `surface_angle`: the mean angle (degrees) between the faces and the primitive's surface; None
+    # for a failed run or an eval.json from before it was measured
+    surface_angle: float | None = None
 
 
 def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float = 0.0, seed: int = 0) -> Score:
@@ -239,6 +266,7 @@ def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float
         metallic=float(texels["metallic"].mean()),
         normal_tilt=float(normal_tilt(texels["normal"]).mean()),
         front=front,
+        surface_angle=surface_angle(mesh, shape, yaw),
     )
 
 
@@ -308,12 +336,14 @@ MEANS: dict[str, Callable[[Score], float | None]] = {
     "metallic": lambda s: s.metallic,
     "normal_tilt": lambda s: s.normal_tilt,
     "flat_normal_tilt": lambda s: s.normal_tilt if s.shape in FLAT_SHAPES else None,
+    "surface_angle": lambda s: s.surface_angle,
     "pieces": lambda s: s.pieces,
     "seconds": lambda s: s.seconds,
 }
 HIGHER_IS_BETTER = {"shape_accuracy": True, "colour_accuracy": True, "topology_accuracy": True,
                     "front_accuracy": True, "multi_face_rate": False, "iou": True,
                     "delta_e": False, "metallic": False, "normal_tilt": False, "flat_normal_tilt": False,
+                    "surface_angle": False,
                     "pieces": False, "seconds": False}
 
 
@@ -456,16 +486,16 @@ def _difference(row: dict, name: str, fmt: str, percent: bool = False) -> str:
 def _summary_lines(scores: list[Score], label: str = "ablation") -> list[str]:
     """The summary per ablation (or benchmark: `label`) and split: a markdown table."""
     lines = [
-        f"| {label} | split | runs | shape acc. % | colour acc. % | one piece, right genus % | IoU | ΔE | metallic | "
-        "normal tilt ° | tilt on cube/pyramid ° | pieces | one front, at the front % | multi-face % | s / run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {label} | split | runs | shape acc. % | colour acc. % | one piece, right genus % | IoU | surface ° | ΔE | "
+        "metallic | normal tilt ° | tilt on cube/pyramid ° | pieces | one front, at the front % | multi-face % | s / run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summarize(scores):
         lines.append(
             f"| {row['ablation']} | {row['split']} | {row['runs']} | {_cell(row, 'shape_accuracy', '.0f', True)} | "
             f"{_cell(row, 'colour_accuracy', '.0f', True)} | {_cell(row, 'topology_accuracy', '.0f', True)} | "
-            f"{_cell(row, 'iou', '.3f')} | {_cell(row, 'delta_e', '.1f')} | {_cell(row, 'metallic', '.2f')} | "
-            f"{_cell(row, 'normal_tilt', '.1f')} | {_cell(row, 'flat_normal_tilt', '.1f')} | "
+            f"{_cell(row, 'iou', '.3f')} | {_cell(row, 'surface_angle', '.1f')} | {_cell(row, 'delta_e', '.1f')} | "
+            f"{_cell(row, 'metallic', '.2f')} | {_cell(row, 'normal_tilt', '.1f')} | {_cell(row, 'flat_normal_tilt', '.1f')} | "
             f"{_cell(row, 'pieces', '.1f')} | {_cell(row, 'front_accuracy', '.0f', True)} | "
             f"{_cell(row, 'multi_face_rate', '.0f', True)} | {row['seconds']:.0f} |"
         )
@@ -476,14 +506,14 @@ def _paired_lines(paired: list[dict], label: str = "ablation") -> list[str]:
     """Paired comparison rows (`paired_comparison`): a markdown table; `label` heads the column
     of what the baseline is compared with."""
     lines = [
-        f"| {label} | split | pairs | IoU | shape acc. (points) | colour acc. (points) | "
+        f"| {label} | split | pairs | IoU | surface ° | shape acc. (points) | colour acc. (points) | "
         "one piece, right genus (points) | ΔE | multi-face (points) | s / run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in paired:
         lines.append(
             f"| {row['ablation']} | {row['split']} | {row['pairs']} | {_difference(row, 'iou', '.3f')} | "
-            f"{_difference(row, 'shape_accuracy', '.0f', True)} | {_difference(row, 'colour_accuracy', '.0f', True)} | "
+            f"{_difference(row, 'surface_angle', '.1f')} | {_difference(row, 'shape_accuracy', '.0f', True)} | {_difference(row, 'colour_accuracy', '.0f', True)} | "
             f"{_difference(row, 'topology_accuracy', '.0f', True)} | {_difference(row, 'delta_e', '.1f')} | "
             f"{_difference(row, 'multi_face_rate', '.0f', True)} | {_difference(row, 'seconds', '.0f')} |"
         )
@@ -506,9 +536,9 @@ def markdown_table(scores: list[Score]) -> str:
         "",
         INTERVALS,
         "",
-        "| ablation | prompt | seed | split | shape → predicted | colour → predicted | IoU | Chamfer | pieces (removed) | "
-        "genus | ΔE | metallic | tilt ° | fronts (sides) | s |",
-        "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ablation | prompt | seed | split | shape → predicted | colour → predicted | IoU | surface ° | Chamfer | "
+        "pieces (removed) | genus | ΔE | metallic | tilt ° | fronts (sides) | s |",
+        "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in scores:
         shape = f"{s.shape} → {s.predicted_shape}" + ("" if s.shape_correct else " ✗")
@@ -518,7 +548,7 @@ def markdown_table(scores: list[Score]) -> str:
         genus = number(s.genus, "d") + ("" if s.topology_correct else " ✗")
         lines.append(
             f"| {s.ablation} | {s.prompt} | {s.seed} | {s.split} | {shape} | {colour} | {s.iou:.3f} | "
-            f"{number(s.chamfer, '.3f')} | {number(s.pieces, 'd')}{removed} | {genus} | {number(s.delta_e, '.1f')} | "
+            f"{number(s.surface_angle, '.1f')} | {number(s.chamfer, '.3f')} | {number(s.pieces, 'd')}{removed} | {genus} | {number(s.delta_e, '.1f')} | "
             f"{number(s.metallic, '.2f')} | {number(s.normal_tilt, '.1f')} | {_fronts(s.front)} | {s.seconds:.0f} |"
         )
     return "\n".join(lines) + "\n"

@@ -313,7 +313,7 @@ INTERVALS = (
     "prompts with replacement, then seeds within each drawn prompt, since the runs of one prompt "
     "are not independent. Paired "
     "comparison: the difference on the same prompt and seed (full - ablation, or new - old); wins/losses "
-    "by which is better (higher accuracy and IoU, lower ΔE, metallic, tilt and time); p: two-sided sign test over the "
+    "by which is better (higher accuracy and IoU, lower surface angle, ΔE, metallic, tilt and time); p: two-sided sign test over the "
     "pairs that differ (for accuracies this is the exact McNemar test)."
 )
 FLAT_SHAPES = ("cube", "pyramid")

@@ -118,7 +118,7 @@ def surface_angle(mesh: Mesh, shape: str, yaw: float) -> float:
     """How far the surface's faces turn from the primitive's: the area-weighted mean angle in
     degrees between each face's normal of the normalized `mesh` and the ground truth's normal
     (its signed distance's gradient, by central differences) at the face's centre, the primitive
-    turned by `yaw`. 0 for the primitive's own flat faces; waves, ribs and rounded edges raise it."""
+    turned by `yaw`. 0 on the primitive's own mesh; waves, ribs and rounded edges raise it."""
     normalized = normalize_mesh(mesh)
     vertices = normalized.vertices.detach().double().cpu().numpy()
     corners = vertices[normalized.faces.cpu().numpy()]  # (F, 3, 3)

@@ -114,6 +114,16 @@ def shape_distances(mesh: Mesh, samples: int = 3000) -> dict[str, tuple[float, f
     return result
 
 
+def turned_primitive_sdf(shape: str, yaw: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ground truth's signed distance, points (N, 3) -> (N,), of `shape` turned by `yaw` about
+    +y: the primitive's own evaluated at the inversely turned points."""
+
+    def sdf(points: torch.Tensor) -> torch.Tensor:
+        return ground_truth_sdf(shape, torch.as_tensor(_yaw(points.double().numpy(), -yaw), dtype=points.dtype))
+
+    return sdf
+
+
 def surface_angle(mesh: Mesh, shape: str, yaw: float) -> float:
     """How far the surface's faces turn from the primitive's: the area-weighted mean angle in
     degrees between each face's normal of the normalized `mesh` and the ground truth's normal
@@ -125,16 +135,16 @@ def surface_angle(mesh: Mesh, shape: str, yaw: float) -> float:
     cross = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
     area = np.linalg.norm(cross, axis=1)
     keep = area > 0
-    normals, centres = cross[keep] / area[keep, None], _yaw(corners[keep].mean(axis=1), -yaw)
+    normals, centres, area = cross[keep] / area[keep, None], corners[keep].mean(axis=1), area[keep]
+    # The six probes of every centre in one evaluation: +x, +y, +z, then -x, -y, -z.
     step = 1e-4
-    gradient = np.stack([
-        (ground_truth_sdf(shape, torch.as_tensor(centres + offset)) - ground_truth_sdf(shape, torch.as_tensor(centres - offset))).numpy()
-        for offset in np.eye(3) * step
-    ], axis=1) / (2 * step)
-    truth = _yaw(gradient, yaw)
+    offsets = np.concatenate([np.eye(3), -np.eye(3)]) * step
+    probes = torch.as_tensor((centres[None] + offsets[:, None]).reshape(-1, 3))
+    distances = turned_primitive_sdf(shape, yaw)(probes).numpy().reshape(6, -1)
+    truth = ((distances[:3] - distances[3:]) / (2 * step)).T  # (F, 3)
     truth /= np.maximum(np.linalg.norm(truth, axis=1, keepdims=True), 1e-12)
     angles = np.degrees(np.arccos(np.clip((normals * truth).sum(axis=1), -1.0, 1.0)))
-    return float((angles * area[keep]).sum() / area[keep].sum())
+    return float((angles * area).sum() / area.sum())
 
 
 def uv_coverage(uvs: torch.Tensor, faces: torch.Tensor, size: int) -> torch.Tensor:
@@ -238,12 +248,7 @@ def score_run(run_dir: Path, prompt: str, ablation: str = "full", seconds: float
     predicted_shape = min(distances, key=lambda s: distances[s][0])
     yaw = distances[shape][1]
     generated_sdf = MeshSDF(normalize_mesh(mesh))
-
-    def prompted_sdf(points: torch.Tensor) -> torch.Tensor:
-        # The primitive turned by the best yaw: evaluate at the inversely turned points.
-        return ground_truth_sdf(shape, torch.as_tensor(_yaw(points.double().numpy(), -yaw), dtype=points.dtype))
-
-    iou = volumetric_iou(generated_sdf, prompted_sdf, bounds=1.05, resolution=40)
+    iou = volumetric_iou(generated_sdf, turned_primitive_sdf(shape, yaw), bounds=1.05, resolution=40)
     texels = baked_texels(run_dir / "export" / "model.glb")
     albedo = mean_albedo(texels["base_color"])
     pieces = mesh_pieces(mesh)

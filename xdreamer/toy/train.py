@@ -13,6 +13,7 @@ loss.png, losses.json, samples.png, samples_normal.png, samples_front.png.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -361,18 +362,16 @@ def load_exported_weights(model_dir: Path, unet, text_encoder, tokenizer=None) -
     `text_encoder`, which must have its architecture. Given the `tokenizer` being trained with,
     the token embedding is matched to it by token (`carry_token_embeddings`), so a world with a
     new caption word trains on from a model that did not know it."""
-    import json
-
     from safetensors.torch import load_file
 
     files = {"unet": model_dir / "unet" / "diffusion_pytorch_model.safetensors",
              "text_encoder": model_dir / "text_encoder" / "model.safetensors"}
+    vocab_file = model_dir / "tokenizer" / "vocab.json"
     for name, module in (("unet", unet), ("text_encoder", text_encoder)):
         if not files[name].is_file():
             raise ToyWorldError(f"--init {model_dir}: not an exported toy model (no {files[name].relative_to(model_dir)})")
         state = load_file(files[name])
         own = module.state_dict()
-        vocab_file = model_dir / "tokenizer" / "vocab.json"
         if name == "text_encoder" and tokenizer is not None and vocab_file.is_file() and TOKEN_EMBEDDING in state:
             old_vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
             if len(old_vocab) == state[TOKEN_EMBEDDING].shape[0]:

@@ -274,6 +274,37 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     assert result.stdout.count("xdreamer: done") == 1
 
 
+def test_the_geometry_draws_t_from_its_final_range_from_t_final_from_on(tmp_path, monkeypatch):
+    from tiny_models import make_tiny_pixel_model
+
+    from xdreamer import pipeline
+    from xdreamer.config import load_config
+    from xdreamer.pipeline import guide
+
+    model = make_tiny_pixel_model(tmp_path / "tiny_pixel")
+    drawn = []  # (t range, timesteps) of every guidance call, in order: the geometry's first
+
+    class Recording(guide.TimestepSchedule):
+        def sample(self, *args, **kwargs):
+            t = super().sample(*args, **kwargs)
+            drawn.append(((self.min_ratio, self.max_ratio), t.tolist()))
+            return t
+
+    monkeypatch.setattr(guide, "TimestepSchedule", Recording)
+    overrides = [t for t in TINY if "=" in t] + [
+        "geometry.iters=8", "appearance.iters=2", "geometry.t_range_final=[0.02,0.1]", "geometry.t_final_from=5",
+    ]
+    cfg = load_config(preset="toy", prompt="a red cube", overrides=overrides, model=str(model), views=2, device="cpu")
+    assert pipeline.generate(cfg, tmp_path / "run") == 0
+    geometry = drawn[:8]
+    assert [r for r, _ in geometry] == [(0.02, 0.6)] * 5 + [(0.02, 0.1)] * 3
+    final = [t for _, ts in geometry[5:] for t in ts]
+    assert len(final) == 6 and all(20 <= t <= 100 for t in final)
+    # Without the final range the same steps draw from t_range, mostly above 100.
+    assert max(t for _, ts in geometry[:5] for t in ts) > 100
+    assert [r for r, _ in drawn[8:]] == [tuple(cfg.appearance.t_range_early)] * 2
+
+
 def test_persistent_nan_restores_the_last_checkpoint(tmp_path, monkeypatch):
     import dataclasses
 

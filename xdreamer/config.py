@@ -72,6 +72,10 @@ class GeometryConfig:
     latent_phase_iters: int = 1000
     t_range_early: list[float] = field(default_factory=lambda: [0.02, 0.5])
     t_range: list[float] = field(default_factory=lambda: [0.02, 0.5])
+    # A final phase: from step t_final_from on, t is drawn from t_range_final instead (empty: no
+    # final phase). Lower noise there refines what the model sees only at low t, such as edges.
+    t_range_final: list[float] | None = None
+    t_final_from: int = 0
     weighting_early: str = "sds"
     weighting: str = "fantasia3d"
     guidance_scale: float = 100.0
@@ -414,7 +418,7 @@ _INT_BOUNDS = [
     ("appearance.frequency_count", 1, 16),
 ]
 _NON_NEGATIVE_INTS = ["export.max_faces", "geometry.iters", "appearance.iters", "init.steps", "geometry.latent_phase_iters",
-                      "appearance.t_switch", "geometry.silhouette_switch", "validate_every", "ama.start_geometry",
+                      "appearance.t_switch", "geometry.t_final_from", "geometry.silhouette_switch", "validate_every", "ama.start_geometry",
                       "ama.start_appearance", "ama.visualize_every", "ama.diagnose_every"]
 _POSITIVE = ["init.lr", "geometry.lr", "appearance.lr", "cg_lora.lr", "geometry.grid_scale",
              "appearance.environment_scale"]
@@ -494,7 +498,10 @@ def check_config(cfg: DictConfig) -> None:
     lo, hi = _range(cfg, "appearance.kd_range", 0.0, 1.0)
     if not lo < hi:
         raise ConfigError(f"appearance.kd_range must satisfy min < max, got [{lo:g}, {hi:g}]")
-    for key in ["geometry.t_range_early", "geometry.t_range", "appearance.t_range_early", "appearance.t_range"]:
+    for key in ["geometry.t_range_early", "geometry.t_range", "geometry.t_range_final", "appearance.t_range_early",
+                "appearance.t_range"]:
+        if OmegaConf.select(cfg, key) is None:  # only t_range_final may be empty: no final phase
+            continue
         lo, hi = _range(cfg, key, 0.0, 1.0)
         if not 0.0 < lo <= hi < 1.0:
             raise ConfigError(f"{key} must satisfy 0 < min <= max < 1, got [{lo:g}, {hi:g}]")

@@ -65,6 +65,19 @@ def test_the_early_silhouette_weight_is_checked_like_the_weight():
         load_config(prompt="x", overrides=["geometry.silhouette_switch=-5"])
 
 
+def test_the_geometry_final_t_range_is_checked_like_the_others():
+    # The toy preset refines at low noise over its last 50 geometry steps; the others have no final phase.
+    toy = load_config(preset="toy", prompt="x").geometry
+    assert list(toy.t_range_final) == [0.02, 0.3] and toy.t_final_from == 100 and toy.t_final_from < toy.iters
+    assert load_config(preset="paper", prompt="x").geometry.t_range_final is None
+    with pytest.raises(ConfigError, match=r"geometry.t_range_final must satisfy 0 <= min <= max <= 1, got \[0.5, 0.3\]"):
+        load_config(prompt="x", overrides=["geometry.t_range_final=[0.5,0.3]"])
+    with pytest.raises(ConfigError, match=r"geometry.t_range_final must satisfy 0 < min"):
+        load_config(prompt="x", overrides=["geometry.t_range_final=[0,0.3]"])
+    with pytest.raises(ConfigError, match="geometry.t_final_from must be >= 0"):
+        load_config(prompt="x", overrides=["geometry.t_final_from=-1"])
+
+
 def test_the_overhead_views_are_checked():
     cfg = load_config(prompt="x", overrides=["camera.overhead_fraction=0.125"])
     assert cfg.camera.overhead_fraction == 0.125 and list(cfg.camera.overhead_elevation_deg) == [60.0, 80.0]

@@ -123,7 +123,7 @@ class GeometryStage(_Stage):
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.geometry.parameters()) + self.guide.camera_parameters
 
-    def late_t_range(self, step: int) -> list[float]:
+    def t_range_at(self, step: int) -> list[float]:
         """The t range after the latent phase: `t_range`, or `t_range_final` from step
         `t_final_from` on where one is set."""
         g = self.cfg.geometry
@@ -188,7 +188,7 @@ class GeometryStage(_Stage):
             t_range, weighting = g.t_range_early, g.weighting_early
         else:
             model_input = self.guide.guidance.encode_images((normal * 0.5 + 0.5) * mask)
-            t_range, weighting = self.late_t_range(step), g.weighting
+            t_range, weighting = self.t_range_at(step), g.weighting
         ama_on = cfg.ama.enabled and step >= cfg.ama.start_geometry
         carving = g.carve_weight > 0 and not early_latents
         result = self.guide(

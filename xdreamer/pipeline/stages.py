@@ -25,7 +25,7 @@ from xdreamer.geometry.dmtet import DMTetGeometry, marching_tetrahedra
 from xdreamer.geometry.init import EllipsoidSDF, MeshSDF, ellipsoid_sdf, fit_geometry_to_sdf, normalize_mesh
 from xdreamer.geometry.regularizers import laplacian_smoothness, normal_consistency, sdf_sign_regularizer, tet_edges
 from xdreamer.guidance.ama import save_attention_visualization
-from xdreamer.guidance.sds import normal_mask_latents
+from xdreamer.guidance.sds import TimestepSchedule, normal_mask_latents
 from xdreamer.mesh import Mesh, load_mesh
 from xdreamer.pipeline.guide import GuidanceStep, GuideOutput
 from xdreamer.pipeline.state import seeded
@@ -123,13 +123,11 @@ class GeometryStage(_Stage):
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.geometry.parameters()) + self.guide.camera_parameters
 
-    def t_range_at(self, step: int) -> list[float]:
+    def t_range_at(self, step: int) -> tuple[float, float]:
         """The t range after the latent phase: `t_range`, or `t_range_final` from step
-        `t_final_from` on where one is set."""
+        `t_final_from` on where one is set (the switch of `TimestepSchedule`)."""
         g = self.cfg.geometry
-        if g.t_range_final is not None and step >= g.t_final_from:
-            return g.t_range_final
-        return g.t_range
+        return TimestepSchedule(*g.t_range, later=g.t_range_final, later_step=g.t_final_from).ratios(step)
 
     @functools.cached_property
     def initial_shape(self) -> EllipsoidSDF | MeshSDF:
